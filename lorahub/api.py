@@ -1,0 +1,166 @@
+"""``compose()``: the whole LoraHub loop in one call, and the ``Composition`` it returns."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .compose import composed_layers, delta_weights
+from .data import Example, as_examples
+from .errors import LorahubValueError
+from .evaluate import PopulationEvaluator
+from .export import adapter_config, merge_copy, save_adapter, versions, write_best_weights
+from .generate import generate, merged_into
+from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
+from .optimize import SearchResult, search
+from .store import ModuleStore, StackedModules
+
+DEFAULT_HUB = "smollm2-135m-bigbench"
+
+
+@dataclass
+class Composition:
+    """The result of :func:`compose`: weights per module, loss, history, and the means to use them."""
+
+    weights: dict[str, float]
+    loss: float
+    objective: float
+    history: list[dict]
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    stacked: StackedModules = field(repr=False)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Composed (A, B) per layer."""
+        w = torch.tensor([self.weights[n] for n in self.stacked.names])
+        return composed_layers(self.stacked, w)
+
+    def predict(self, inputs: Sequence[str] | str, *, max_new_tokens: int | None = None, batch_size: int = 16,
+                progress: bool = False) -> list[str]:
+        """Greedy answers with the composed adapter merged into the weights (restored afterwards)."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        max_new = max_new_tokens or self.record.get("max_new_tokens", 32)
+        with merged_into(self.model, delta_weights(self.layers, self.stacked.scaling)):
+            return generate(self.model, self.tokenizer, list(inputs), max_new_tokens=max_new,
+                            batch_size=batch_size, progress=progress)
+
+    def merge(self) -> Any:
+        """A copy of the base model with the adapter merged in (zero inference overhead)."""
+        return merge_copy(self.model, self.layers, self.stacked.scaling)
+
+    def peft_config(self) -> dict[str, Any]:
+        return adapter_config(self.stacked.config, self.record["base_model"], is_seq2seq(self.model))
+
+    def save(self, out_dir: str | Path, *, merged: bool = False) -> Path:
+        """Write a PEFT adapter folder (+ lorahub.json, card; ``merged/`` with ``merged=True``) atomically."""
+        return save_adapter(out_dir, self.layers, self.peft_config(), self.record,
+                            merged_model=self.merge() if merged else None,
+                            tokenizer=self.tokenizer if merged else None)
+
+
+def resolve_store(modules: Any) -> ModuleStore:
+    """None → the default hub; a str → a hub name or manifest; a list → module folders or hub ids."""
+    if isinstance(modules, ModuleStore):
+        return modules
+    if modules is None or isinstance(modules, (str, Path)):
+        return ModuleStore.from_manifest(modules or DEFAULT_HUB)
+    store = ModuleStore()
+    for loc in modules:
+        store.add_path(loc)
+    return store
+
+
+def compose(
+    task_examples: Any,
+    modules: Any = None,
+    base_model: Any = None,
+    *,
+    num_candidates: int = 20,
+    budget: int = 40,
+    population: int | None = None,
+    optimizer: str = "cma",
+    l1: float = 0.05,
+    bounds: tuple[float, float] = (-1.5, 1.5),
+    seed: int = 42,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_rows: int = 256,
+    out_dir: str | Path | None = None,
+    command: str | None = None,
+    on_step: Callable[[int, SearchResult], None] | None = None,
+) -> Composition:
+    """Compose an adapter for a new task from a library of LoRA modules (LoraHub's COMPOSE + ADAPT).
+
+    Args:
+        task_examples: a few examples of the new task: ``{"input", "output"}`` dicts, (input, output)
+            pairs or a ``datasets.Dataset`` with those columns. Inputs are fed verbatim.
+        modules: a hub name or manifest path (None: the default hub), a list of module folders / hub
+            ids, or a :class:`ModuleStore`.
+        base_model: an HF id or path, ``(model, tokenizer)`` already loaded, or None for the hub's base.
+        num_candidates: modules drawn at random (with ``seed``) from the library.
+        budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N).
+        optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
+        l1: coefficient of mean|w| added to the loss. bounds: box for each weight; the search starts at 0.
+        out_dir: if given, ``best_weights.json`` is written there at each new best.
+    """
+    examples: list[Example] = as_examples(task_examples)
+    store = resolve_store(modules)
+    if isinstance(base_model, tuple):
+        model, tokenizer = base_model
+        base_name = getattr(model, "lorahub_base_name", None) or model.config.name_or_path
+    else:
+        base_name = base_model or store.base_model or DEFAULT_BASE_MODEL
+        model, tokenizer = load_base(base_name, device=device)
+    dev = next(model.parameters()).device
+    names = store.select(num_candidates, seed)
+    stacked = store.stack(names, model, base_name=base_name, device=dev, dtype=next(model.parameters()).dtype)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget, desc="compose", unit="eval")
+    last_best = [float("inf")]
+
+    def step(done: int, best: SearchResult) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+            bar.set_postfix(best_loss=f"{best.loss:.4f}")
+        if out_dir is not None and best.objective < last_best[0]:
+            last_best[0] = best.objective
+            write_best_weights(out_dir, dict(zip(names, map(float, best.weights))), best.objective, done)
+        if on_step is not None:
+            on_step(done, best)
+
+    t0 = time.perf_counter()
+    try:
+        with PopulationEvaluator(model, tokenizer, stacked, examples, max_rows=max_rows) as ev:
+            zero_loss = float(ev.score(np.zeros((1, len(names))))[0])
+            result = search(lambda w: ev.score(w).numpy(), len(names), budget=budget, population=population,
+                            optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=step)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if not np.isfinite(result.objective):
+        raise LorahubValueError("every candidate scored a non-finite loss; check the examples and the modules")
+    weights = {n: float(w) for n, w in zip(names, result.weights)}
+    max_target = max(len(tokenizer(e.output, add_special_tokens=False).input_ids) for e in examples)
+    record = {
+        "base_model": base_name, "modules": names, "weights": weights, "loss": result.loss,
+        "objective": result.objective, "zero_weight_loss": zero_loss, "optimizer": result.optimizer,
+        "budget": budget, "evaluations": len(result.history),
+        "population": result.population,
+        "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
+        "num_examples": len(examples), "max_new_tokens": max_target + 8, "seconds": round(seconds, 3),
+        "history": result.history, "hub": store.name, "command": command, "versions": versions(),
+    }
+    return Composition(weights, result.loss, result.objective, result.history, model, tokenizer, stacked, record)

@@ -1,0 +1,79 @@
+"""``ComposeConfig``: every option of a composition run, shared by the CLI flags and YAML config files."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .errors import LorahubValueError
+from .optimize import OPTIMIZERS
+
+
+@dataclass
+class ComposeConfig:
+    """Options of ``lorahub compose`` (and of ``--config FILE.yaml``, which takes the same keys).
+
+    Args:
+        examples: JSONL file of the new task's few-shot examples (``input``/``output`` per line).
+        out: folder to write the adapter to (PEFT format + lorahub.json + card).
+        hub: module hub (name in hub_index/ or manifest path); default: the project's default hub.
+        modules: module folders or hub ids to use instead of a hub.
+        base_model: HF id or local path; default: the hub's base model.
+        eval_examples: optional held-out JSONL: exact match is reported before and after composing.
+        num_candidates: modules drawn at random from the library (LoraHub: 20).
+        budget: candidate evaluations (LoraHub: 40).
+        population: candidates scored per batch (CMA default: 4 + 3 ln N).
+        optimizer: "cma" (CMA-ES) or "ngopt" (the reference's NGOpt, which runs Cobyla).
+        l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
+        lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
+        seed: seeds the choice of modules and the optimizer.
+        device: "cpu", "cuda", ...; default: cuda if available.
+        merged: also write the base model with the adapter merged in (``merged/``).
+        max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
+        progress: show progress bars.
+    """
+
+    examples: str = field(default=MISSING, metadata={"help": "JSONL file of few-shot examples (input/output per line)"})
+    out: str = field(default=MISSING, metadata={"help": "folder for the composed adapter"})
+    hub: str | None = field(default=None, metadata={"help": "module hub name (hub_index/NAME.json) or manifest path"})
+    modules: list[str] | None = field(default=None, metadata={"help": "module folders or hub ids instead of a hub"})
+    base_model: str | None = field(default=None, metadata={"help": "HF id or local path (default: the hub's base)"})
+    eval_examples: str | None = field(default=None, metadata={"help": "held-out JSONL: exact match before/after"})
+    num_candidates: int = field(default=20, metadata={"help": "modules drawn at random from the library"})
+    budget: int = field(default=40, metadata={"help": "candidate evaluations"})
+    population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N)"})
+    optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
+    lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
+    upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
+    seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
+    max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_candidates", "budget", "max_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LorahubValueError(f"`{name}` should be a positive integer, but the value passed is {getattr(self, name)!r}")
+        if self.population is not None and self.population < 1:
+            raise LorahubValueError(f"`population` should be a positive integer, but the value passed is {self.population!r}")
+        if self.population is not None and self.budget < self.population:
+            raise LorahubValueError(f"`budget` ({self.budget}) is smaller than `population` ({self.population}); raise the budget")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorahubValueError(f"unknown optimizer {self.optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
+        if not self.lower < 0 < self.upper:
+            raise LorahubValueError(f"bounds must contain the start w=0: lower ({self.lower}) < 0 < upper ({self.upper})")
+        if self.hub and self.modules:
+            raise LorahubValueError("give either `hub` or `modules`, not both")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> "ComposeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LorahubValueError(f"{where}: unknown key(s) {unknown}. Known keys: {', '.join(sorted(known))}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise LorahubValueError(f"{where}: missing required key(s) {missing}")
+        return cls(**data)

@@ -1,0 +1,201 @@
+"""Task examples and how they become tokens.
+
+One function, :func:`format_example`, decides what a model sees for an (input, output) pair. The
+composer, the trainer and the benchmark all go through it, so a module sees at composition time
+exactly what it saw in training.
+
+lorahub feeds ``input`` to the model verbatim (as LoraHub does): instructions and ``Q:``/``A:``
+markers belong in the input (:func:`qa_prompt` builds the usual ones). For a causal LM the answer
+follows the prompt; a prompt's trailing spaces move to the answer, because SmolLM2-style BPE
+tokenizers put a word's leading space in the word's token (a prompt ending in ``"A: "`` wrecks
+generation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import LorahubFileError, LorahubValueError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a task: the prompt text and the expected output text."""
+
+    input: str
+    output: str
+
+
+def qa_prompt(question: str, description: str | None = None) -> str:
+    """LoraHub's BBH prompt: ``"{description}\\n\\nQ: {question}\\nA:"`` (description optional)."""
+    head = f"{description.strip()}\n\n" if description else ""
+    return f"{head}Q: {question}\nA:"
+
+
+def format_example(input: str, output: str | None, *, seq2seq: bool) -> tuple[str, str]:
+    """Return (prompt, target) as the model sees them.
+
+    Seq2seq models take ``input`` and ``output`` unchanged. For causal LMs the prompt loses its
+    trailing spaces and the target starts with one space (unless the prompt ends a line), so the
+    answer's first token carries its leading space as in natural text.
+    """
+    output = "" if output is None else output
+    if seq2seq:
+        return input, output
+    prompt = input.rstrip(" \t")
+    target = output.strip()
+    if prompt and not prompt.endswith("\n"):
+        target = " " + target
+    return prompt, target
+
+
+def as_examples(task_examples: Any, *, where: str = "task_examples", need_output: bool = True) -> list[Example]:
+    """Normalise dicts ``{"input", "output"}``, ``(input, output)`` pairs or a ``datasets.Dataset``.
+
+    Raises a :class:`LorahubValueError` naming the offending example when one is malformed.
+    """
+    if task_examples is None:
+        raise LorahubValueError(f"{where}: no examples given; pass a list of {{'input': ..., 'output': ...}} dicts")
+    if hasattr(task_examples, "column_names") and hasattr(task_examples, "to_list"):  # datasets.Dataset
+        missing = {"input", "output"} - set(task_examples.column_names)
+        if missing:
+            raise LorahubValueError(
+                f"{where}: the dataset has columns {task_examples.column_names}, but needs 'input' and 'output'"
+            )
+        task_examples = task_examples.to_list()
+    if isinstance(task_examples, (str, bytes)) or not isinstance(task_examples, Iterable):
+        raise LorahubValueError(f"{where}: expected a list of examples, got {type(task_examples).__name__}")
+    out: list[Example] = []
+    for i, ex in enumerate(task_examples):
+        if isinstance(ex, dict):
+            if "input" not in ex or (need_output and "output" not in ex):
+                raise LorahubValueError(
+                    f"{where}[{i}]: an example needs keys 'input' and 'output', got keys {sorted(ex)}"
+                )
+            inp, outp = ex["input"], ex.get("output", "")
+        elif isinstance(ex, (tuple, list)) and len(ex) == 2:
+            inp, outp = ex
+        else:
+            raise LorahubValueError(
+                f"{where}[{i}]: expected a dict with 'input'/'output' or an (input, output) pair, got {ex!r:.80}"
+            )
+        if not isinstance(inp, str) or not isinstance(outp, str):
+            raise LorahubValueError(
+                f"{where}[{i}]: 'input' and 'output' must be strings, got {type(inp).__name__} and {type(outp).__name__}"
+            )
+        if not inp.strip():
+            raise LorahubValueError(f"{where}[{i}]: 'input' is empty")
+        if need_output and not outp.strip():
+            raise LorahubValueError(f"{where}[{i}]: 'output' is empty; every example needs an expected output")
+        out.append(Example(inp, outp))
+    if not out:
+        raise LorahubValueError(f"{where}: no examples given; at least one is needed")
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, *, need_output: bool = True) -> list[Example]:
+    """Read ``{"input", "output"}`` lines; a bad line raises an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorahubFileError(f"examples file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LorahubValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise LorahubValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "output" not in row and "target" in row:
+                row = {**row, "output": row["target"]}
+            try:
+                rows.extend(as_examples([row], where=f"{path}:{lineno}", need_output=need_output))
+            except LorahubValueError as e:
+                raise LorahubValueError(str(e).replace(f"{path}:{lineno}[0]", f"{path}:{lineno}")) from None
+    if not rows:
+        raise LorahubValueError(f"{path}: contains no examples")
+    return rows
+
+
+@dataclass
+class Batch:
+    """Token tensors for the loss: labels are -100 outside the target tokens.
+
+    Causal LMs: ``input_ids``/``attention_mask``/``labels`` are [B, T], right-padded, labels aligned
+    with input_ids (the model shifts). Seq2seq: ``labels`` and ``decoder_attention_mask`` are [B, L].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    decoder_attention_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.decoder_attention_mask))
+
+    def repeat(self, times: int) -> "Batch":
+        """The batch repeated ``times`` times, block after block (row ``p*B + q`` is example q)."""
+        rep = lambda t: None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))  # noqa: E731
+        return Batch(rep(self.input_ids), rep(self.attention_mask), rep(self.labels), rep(self.decoder_attention_mask))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    seq2seq: bool,
+    max_length: int = 1024,
+    add_eos: bool = True,
+) -> Batch:
+    """Tokenize examples for a teacher-forced loss on the target tokens only.
+
+    Causal LMs: prompt and target are tokenized apart (so the target's first token keeps its
+    leading space) and EOS ends the target. A long prompt is cut from the left to fit.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    if seq2seq:
+        srcs, tgts = [], []
+        for ex in examples:
+            p, t = format_example(ex.input, ex.output, seq2seq=True)
+            srcs.append(tokenizer(p, truncation=True, max_length=max_length).input_ids)
+            tgts.append(tokenizer(t, truncation=True, max_length=max_length).input_ids)
+        ids, mask = _pad(srcs, pad_id)
+        lab, dmask = _pad(tgts, pad_id)
+        lab = lab.masked_fill(dmask == 0, -100)
+        return Batch(ids, mask, lab, dmask)
+    seqs, labs = [], []
+    for ex in examples:
+        p, t = format_example(ex.input, ex.output, seq2seq=False)
+        p_ids = tokenizer(p, add_special_tokens=True).input_ids
+        t_ids = tokenizer(t, add_special_tokens=False).input_ids + eos
+        t_ids = t_ids[: max_length - 1]
+        p_ids = p_ids[-(max_length - len(t_ids)) :]
+        seqs.append(p_ids + t_ids)
+        labs.append([-100] * len(p_ids) + t_ids)
+    ids, mask = _pad(seqs, pad_id)
+    lab, _ = _pad(labs, -100)
+    return Batch(ids, mask, lab)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask

@@ -1,0 +1,23 @@
+"""Exception types. Every error lorahub raises on bad input is a ``LorahubError``.
+
+Messages name the culprit (file, module, tensor, argument), what was expected and what was found,
+and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class LorahubError(Exception):
+    """Base class of every error lorahub raises on purpose."""
+
+
+class LorahubValueError(ValueError, LorahubError):
+    """An argument, example, module or file has a value lorahub cannot use."""
+
+
+class LorahubFileError(FileNotFoundError, LorahubError):
+    """A file or model that lorahub needs cannot be found (locally or, offline, on the hub)."""
+
+
+class LorahubIntegrityError(LorahubError):
+    """A file's content does not match what its manifest promises (sha256, shapes)."""

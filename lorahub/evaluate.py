@@ -1,0 +1,150 @@
+"""Batched population evaluator: the few-shot loss of P candidate weightings in one forward pass.
+
+Why not PEFT: scoring a candidate with PEFT means building its state dict, loading it
+(``set_peft_model_state_dict``) and running one forward per candidate. PEFT's mixed-batch forward
+(``adapter_names=``) would need P registered adapters rebuilt at every generation. Instead we hook the
+LoRA-targeted ``nn.Linear`` layers: the batch holds the Q examples repeated for each of P candidates
+(row ``p*Q + q``), the base layers run once over all P·Q rows, and each hooked layer adds its
+candidate's composed delta with two batched matmuls grouped by candidate:
+
+    y (P, Q·T, out) += (x (P, Q·T, in) @ A_pᵀ (P, in, r)) @ B_pᵀ (P, r, out) · s
+
+Logits are computed only where a target token is predicted: the LM head is a large share of a small
+model's FLOPs. Loss per candidate = mean token cross-entropy over its target tokens (prompt and
+padding masked), which is what a HF model's ``labels`` loss gives on the Q examples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .compose import compose_population
+from .data import Batch, Example, encode
+from .models import is_seq2seq
+from .store import StackedModules
+
+
+class PopulationEvaluator:
+    """Scores weightings (P, N) of ``stacked`` modules on ``examples``; use as a context manager.
+
+    Args:
+        model: the frozen base model (causal LM or seq2seq), on its evaluation device.
+        tokenizer: its tokenizer.
+        stacked: the candidate modules, stacked per layer on the model's device.
+        examples: the few-shot examples of the new task.
+        max_rows: most rows (candidates × examples) in one forward; larger populations are chunked.
+        max_length: token limit of one example.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        stacked: StackedModules,
+        examples: Sequence[Example],
+        *,
+        max_rows: int = 256,
+        max_length: int = 1024,
+    ):
+        self.model, self.stacked = model, stacked
+        self.seq2seq = is_seq2seq(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.batch = encode(tokenizer, examples, seq2seq=self.seq2seq, max_length=max_length).to(self.device)
+        self.num_examples = len(self.batch)
+        self.chunk = max(1, max_rows // self.num_examples)
+        self.evaluations = 0
+        self._composed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks: list[Any] = []
+        self._A = {l: a.to(self.device, self.dtype) for l, a in stacked.A.items()}
+        self._B = {l: (b * stacked.scaling).to(self.device, self.dtype) for l, b in stacked.B.items()}  # s folded into B
+
+    # hooks -----------------------------------------------------------------------------------
+    def __enter__(self) -> "PopulationEvaluator":
+        modules = dict(self.model.named_modules())
+        for layer in self.stacked.layers:
+            self._hooks.append(modules[layer].register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._composed.clear()
+
+    def _make_hook(self, layer: str):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            if layer not in self._composed:
+                return out
+            a_p, b_p = self._composed[layer]  # (P, r, in), (P, out, r)
+            P = a_p.shape[0]
+            x = inputs[0].reshape(P, -1, inputs[0].shape[-1])  # (P, Q·T, in)
+            y = out.reshape(P, -1, out.shape[-1])  # (P, Q·T, out)
+            return torch.baddbmm(y, torch.bmm(x, a_p.transpose(1, 2)), b_p.transpose(1, 2)).reshape(out.shape)
+
+        return hook
+
+    # scoring ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, weights: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+        """Mean target-token cross-entropy of each weighting: weights (P, N) -> losses (P,) float32 on CPU.
+
+        A candidate whose loss is NaN or infinite scores +inf (the search goes on).
+        """
+        if not self._hooks:
+            raise RuntimeError("PopulationEvaluator.score needs its hooks: use it as a context manager, `with PopulationEvaluator(...) as ev:`")
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.dim() != 2 or w.shape[1] != len(self.stacked):
+            raise ValueError(f"weights has shape {tuple(w.shape)}, expected (P, {len(self.stacked)})")
+        losses = []
+        for start in range(0, w.shape[0], self.chunk):
+            losses.append(self._score_chunk(w[start : start + self.chunk].to(self.device)))
+        self.evaluations += w.shape[0]
+        out = torch.cat(losses).float().cpu()
+        return torch.where(torch.isfinite(out), out, torch.full_like(out, math.inf))
+
+    def _score_chunk(self, w: torch.Tensor) -> torch.Tensor:
+        P = w.shape[0]
+        for layer in self.stacked.layers:
+            self._composed[layer] = compose_population(w, self._A[layer], self._B[layer])
+        try:
+            token_loss, rows = self._token_losses(self.batch.repeat(P))
+        finally:
+            self._composed.clear()
+        cand = rows // self.num_examples
+        total = torch.zeros(P, device=w.device, dtype=torch.float32).index_add_(0, cand, token_loss)
+        count = torch.zeros(P, device=w.device, dtype=torch.float32).index_add_(0, cand, torch.ones_like(token_loss))
+        return total / count
+
+    def _token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per target token: its cross-entropy and its row, computing logits only at those tokens."""
+        return token_losses(self.model, batch, self.seq2seq)
+
+
+def token_losses(model: Any, batch: Batch, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token of ``batch`` under ``model`` and the row it belongs to."""
+    if seq2seq:
+        dec_in = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            decoder_input_ids=dec_in, decoder_attention_mask=batch.decoder_attention_mask, use_cache=False,
+        ).logits  # (B, L, V): decoder positions are all target positions
+        sel = batch.labels != -100
+        rows = sel.nonzero()[:, 0]
+        return F.cross_entropy(logits[sel].float(), batch.labels[sel], reduction="none"), rows
+    hidden = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    targets = batch.labels[:, 1:]  # token t is predicted at position t-1
+    sel = targets != -100  # (B, T-1)
+    h = hidden[:, :-1][sel]  # (M, H): only the positions that predict a target token
+    logits = model.get_output_embeddings()(h).float()  # (M, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    rows = sel.nonzero()[:, 0]
+    return F.cross_entropy(logits, targets[sel], reduction="none"), rows

@@ -1,0 +1,300 @@
+"""Build a hub: one LoRA module per task, a manifest with sha256 and a quality report per module.
+
+:func:`build_hub` is resumable and safe to kill at any point:
+
+- each module folder is written whole or not at all (:func:`lorahub._io.atomic_dir`), then its
+  manifest entry is added (:func:`lorahub._io.atomic_write_json`);
+- a task whose folder and manifest entry exist (weights matching the entry's sha256) is never
+  retrained; a folder that was renamed into place just before a kill is adopted from its
+  ``lorahub_train.json`` instead of being retrained;
+- a module that does not beat the base model on its own held-out examples is not shipped: it is
+  recorded under ``"rejected"`` (so a rerun does not train it again) and the next task takes its place;
+- a task file with a bad line is skipped with an error naming file and line; the build goes on.
+
+Every event goes to ``<out>/build_log.jsonl``. The quality report (train loss, held-out exact match
+of the base and of base+module, greedy decoding cut at the first newline) is stored in the manifest;
+:func:`hub_report` turns it into table rows (``lorahub hub report``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ._io import atomic_dir, atomic_write_json, sha256_file
+from .bigbench import list_tasks, read_task, split_examples
+from .data import Example
+from .errors import LorahubError, LorahubValueError
+from .store import SAFETENSORS_WEIGHTS, resolve_manifest
+from .train import TRAIN_REPORT, TrainConfig, TrainedModule, delta_weights, save_module, train_modules
+
+BUILD_LOG = "build_log.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLAN_T5_IDS = Path("/work/shared/lorahub/flan_t5_large_modules.txt")
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: strip, lower case, drop periods."""
+    return text.strip().lower().replace(".", "")
+
+
+def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
+    hits = sum(normalize_answer(p) == normalize_answer(e.output) for p, e in zip(predictions, examples))
+    return hits / max(1, len(examples))
+
+
+def _max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
+    longest = max(len(tokenizer(" " + e.output.strip(), add_special_tokens=False).input_ids) for e in examples)
+    return int(min(64, max(4, longest + 3)))
+
+
+def heldout_em(model: Any, tokenizer: Any, examples: Sequence[Example], deltas: dict | None = None) -> float:
+    """Greedy exact match of ``model`` (plus ΔW ``deltas`` merged for the call) on ``examples``."""
+    from .generate import generate, merged_into
+
+    prompts = [e.input for e in examples]
+    kw = dict(max_new_tokens=_max_new_tokens(tokenizer, examples), batch_size=25)
+    if deltas is None:
+        return exact_match(generate(model, tokenizer, prompts, **kw), examples)
+    with merged_into(model, deltas):
+        return exact_match(generate(model, tokenizer, prompts, **kw), examples)
+
+
+def manifest_path_for(out_dir: str | os.PathLike) -> Path:
+    """``hub_index/NAME/`` keeps its manifest beside it, as ``hub_index/NAME.json``."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.json"
+
+
+def _load_manifest(path: Path, skeleton: dict[str, Any]) -> dict[str, Any]:
+    if not path.is_file():
+        return skeleton
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("base_model", "rank", "alpha", "target_modules"):
+        if data.get(key) is not None and data[key] != skeleton[key]:
+            raise LorahubValueError(
+                f"manifest {path} was built with {key}={data[key]!r}, this build asks for {skeleton[key]!r}; "
+                "use another --out folder or the same settings"
+            )
+    data.setdefault("modules", [])
+    data.setdefault("rejected", [])
+    return data
+
+
+def _log(out_dir: Path, event: str, **fields: Any) -> None:
+    with open(out_dir / BUILD_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "event": event, "pid": os.getpid(), **fields}) + "\n")
+
+
+def _is_finished(entry: dict[str, Any], manifest_dir: Path) -> bool:
+    weights = manifest_dir / entry["location"] / SAFETENSORS_WEIGHTS
+    return weights.is_file() and sha256_file(weights) == entry.get("sha256")
+
+
+def build_hub(
+    tasks_dir: str | os.PathLike,
+    base_model: str | None,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    only: Sequence[str] | None = None,
+    *,
+    max_modules: int | None = None,
+    heldout: int = 50,
+    eval_examples: int = 50,
+    require_improvement: bool = True,
+    name: str | None = None,
+    description: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    on_module: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train one module per task of ``tasks_dir`` into ``out_dir/<task>/``; return the manifest path.
+
+    ``only`` restricts (and orders) the tasks; ``max_modules`` stops once that many modules are in
+    the manifest. The manifest is ``out_dir``'s sibling ``<out_dir name>.json``, with locations
+    relative to it, as :meth:`lorahub.store.ModuleStore.from_manifest` reads them.
+    """
+    from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
+
+    config = config or TrainConfig()
+    base_name = base_model or DEFAULT_BASE_MODEL
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mpath = manifest_path_for(out_dir)
+    index = list_tasks(tasks_dir)
+    if only:
+        unknown = [t for t in only if t not in index]
+        if unknown:
+            raise LorahubValueError(f"--only names unknown tasks {unknown[:5]} in {tasks_dir}. Available: {', '.join(list(index)[:10])} ...")
+        order = list(dict.fromkeys(only))
+    else:
+        order = list(index)
+    skeleton = {
+        "name": name or out_dir.name,
+        "description": description or f"LoRA modules trained by `lorahub hub build` on {Path(tasks_dir).name} tasks",
+        "base_model": base_name, "model_type": None, "rank": config.rank, "alpha": config.alpha,
+        "target_modules": sorted(config.target_modules), "train_config": config.to_dict(),
+        "modules": [], "rejected": [],
+    }
+    manifest = _load_manifest(mpath, skeleton)
+
+    # 1) what is already done: manifest entries whose weights check out, folders written just before a kill
+    done = {e["task"] for e in manifest["modules"] if _is_finished(e, mpath.parent)}
+    manifest["modules"] = [e for e in manifest["modules"] if e["task"] in done]
+    for task in order:
+        report = out_dir / task / TRAIN_REPORT
+        if task not in done and report.is_file() and (out_dir / task / SAFETENSORS_WEIGHTS).is_file():
+            entry = json.loads(report.read_text(encoding="utf-8"))["manifest_entry"]
+            entry["sha256"] = sha256_file(out_dir / task / SAFETENSORS_WEIGHTS)
+            manifest["modules"].append(entry)
+            done.add(task)
+            _log(out_dir, "adopted", task=task)
+    rejected = {r["task"] for r in manifest["rejected"]}
+    todo = [t for t in order if t not in done and t not in rejected]
+    atomic_write_json(mpath, manifest)
+
+    def room() -> int:
+        return len(todo) if max_modules is None else max(0, max_modules - len(manifest["modules"]))
+
+    if not todo or room() == 0:
+        return mpath
+    model, tokenizer = load_base(base_model, device=device)
+    seq2seq = is_seq2seq(model)
+    manifest["model_type"] = "seq2seq" if seq2seq else "causal"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=min(len(todo), room()), desc="hub build", unit="module")
+    try:
+        while todo and room() > 0:
+            # 2) the next group of tasks (one adapter each, trained in the same steps)
+            group: dict[str, tuple[list[Example], list[Example]]] = {}
+            while todo and len(group) < min(config.modules_per_step, room()):
+                task = todo.pop(0)
+                try:
+                    examples = read_task(tasks_dir, task, index[task]).examples
+                    group[task] = split_examples(examples, seed=config.seed, heldout=heldout)
+                except LorahubError as e:
+                    _log(out_dir, "skipped", task=task, error=str(e))
+                    if progress:
+                        print(f"skipping task {task}: {e}", flush=True)
+            if not group:
+                continue
+            _log(out_dir, "train_start", tasks=list(group))
+            trained = train_modules(model, tokenizer, {t: tr for t, (tr, _) in group.items()}, config, progress=progress)
+            # 3) quality report, then write the module atomically and add its manifest entry
+            for task, module in trained.items():
+                held = group[task][1][:eval_examples]
+                t0 = time.time()
+                base_em = heldout_em(model, tokenizer, held)
+                module_em = heldout_em(model, tokenizer, held, delta_weights(module, config))
+                quality = {
+                    "train_loss": round(module.train_loss, 4), "base_em": round(base_em, 4),
+                    "module_em": round(module_em, 4), "eval_examples": len(held),
+                    "train_seconds": round(module.seconds, 1), "eval_seconds": round(time.time() - t0, 1),
+                }
+                if require_improvement and module_em <= base_em:
+                    manifest["rejected"].append({"task": task, **quality})
+                    atomic_write_json(mpath, manifest)
+                    _log(out_dir, "rejected", task=task, **quality)
+                    continue
+                entry = _entry(task, module, config, base_name, seq2seq, index[task], group[task], quality, out_dir, mpath)
+                with atomic_dir(out_dir / task) as tmp:
+                    weights = save_module(tmp, module, config, base_model_name=base_name, seq2seq=seq2seq,
+                                          report={"quality": quality, "manifest_entry": entry})
+                    entry["sha256"] = sha256_file(weights)
+                    entry["size_bytes"] = weights.stat().st_size
+                manifest["modules"].append(entry)
+                atomic_write_json(mpath, manifest)
+                _log(out_dir, "saved", task=task, **quality)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(task=task[:24], em=f"{base_em:.2f}->{module_em:.2f}")
+                if on_module is not None:
+                    on_module(entry)
+    finally:
+        if bar is not None:
+            bar.close()
+    return mpath
+
+
+def _entry(task, module: TrainedModule, config: TrainConfig, base_name, seq2seq, meta, split, quality, out_dir: Path, mpath: Path):
+    train, held = split
+    ex = train[0]
+    return {
+        "name": task, "location": os.path.relpath(out_dir / task, mpath.parent), "task": task,
+        "base_model": base_name, "rank": config.rank, "alpha": config.alpha,
+        "target_modules": sorted(config.target_modules), "sha256": None,
+        "kind": meta.get("kind"), "description": meta.get("description"), "source": meta.get("source"),
+        "license": "Apache-2.0 (BIG-bench)" if meta.get("source", "").startswith("bigbench") else None,
+        "train_examples": len(train), "heldout_examples": len(held), "steps": config.steps,
+        "lr": config.lr, "batch_size": config.batch_size, "mixer": config.mixer,
+        "examples": [{"input": ex.input[:300], "output": ex.output[:100]}],
+        **quality,
+    }
+
+
+def hub_report(manifest: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per module (and per rejected task) with its quality figures, for a printed table."""
+    path = resolve_manifest(manifest)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for e in data.get("modules", []):
+        rows.append({
+            "module": e["name"], "status": "ok", "train_loss": e.get("train_loss"), "base_em": e.get("base_em"),
+            "module_em": e.get("module_em"),
+            "gain": None if e.get("module_em") is None else round(e["module_em"] - (e.get("base_em") or 0), 4),
+            "steps": e.get("steps"), "size_mb": None if e.get("size_bytes") is None else round(e["size_bytes"] / 2**20, 2),
+        })
+    for r in data.get("rejected", []):
+        rows.append({
+            "module": r["task"], "status": "rejected", "train_loss": r.get("train_loss"), "base_em": r.get("base_em"),
+            "module_em": r.get("module_em"), "gain": round(r.get("module_em", 0) - r.get("base_em", 0), 4),
+            "steps": None, "size_mb": None,
+        })
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`hub_report` rows, with a mean line for the shipped modules."""
+    if not rows:
+        return "(no modules)"
+    cols = list(rows[0])
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        mean = lambda k: sum(r[k] or 0 for r in ok) / len(ok)  # noqa: E731
+        cells.append([f"mean of {len(ok)}", "", fmt(mean("train_loss")), fmt(mean("base_em")), fmt(mean("module_em")),
+                      fmt(mean("gain")), "", fmt(sum(r["size_mb"] or 0 for r in ok))][: len(cols)])
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def flan_t5_large_manifest(
+    ids_file: str | os.PathLike = FLAN_T5_IDS, out: str | os.PathLike | None = None
+) -> Path:
+    """Write ``hub_index/lorahub-flan-t5-large.json``: LoraHub's 196 FLAN-T5-large modules as hub ids."""
+    ids = [line.strip() for line in Path(ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = Path(out) if out else REPO_ROOT / "hub_index" / "lorahub-flan-t5-large.json"
+    modules = []
+    for repo in ids:
+        short = repo.split("/")[-1]
+        task = short[len("flan_t5_large-"):] if short.startswith("flan_t5_large-") else short
+        modules.append({
+            "name": short, "location": f"hf://{repo}", "task": task, "base_model": "google/flan-t5-large",
+            "rank": 16, "alpha": 32, "target_modules": ["q", "v"],
+        })
+    manifest = {
+        "name": "lorahub-flan-t5-large",
+        "description": "The 196 FLAN-T5-large LoRA modules of LoraHub (arXiv 2307.13269), one per FLAN task, on the Hugging Face hub.",
+        "base_model": "google/flan-t5-large", "model_type": "seq2seq", "rank": 16, "alpha": 32,
+        "target_modules": ["q", "v"], "source": "https://huggingface.co/lorahub", "modules": modules,
+    }
+    atomic_write_json(out, manifest)
+    return out

@@ -1,0 +1,152 @@
+"""compose() end to end on tiny models; export reloads in PEFT with the same logits; merge; predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorahub.api import compose
+from lorahub.data import as_examples, encode
+from lorahub.evaluate import PopulationEvaluator
+from lorahub.errors import LorahubValueError
+
+from conftest import EXAMPLES
+
+
+def test_compose_end_to_end_and_export(tiny_llama, llama_modules, tmp_path):
+    from peft import PeftModel
+
+    model, tok = tiny_llama
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=12, population=4,
+                   progress=False, out_dir=tmp_path / "run")
+    assert set(comp.weights) == {p.name for p in llama_modules}
+    assert len(comp.history) == 12
+    assert comp.loss <= comp.record["zero_weight_loss"] + 1e-6 or comp.objective <= comp.record["zero_weight_loss"]
+    assert comp.record["optimizer"].startswith("cma:")
+    assert (tmp_path / "run" / "best_weights.json").is_file()
+
+    # the reported loss is the evaluator's loss of the reported weights
+    w = torch.tensor([[comp.weights[n] for n in comp.stacked.names]])
+    with PopulationEvaluator(model, tok, comp.stacked, as_examples(EXAMPLES)) as ev:
+        assert ev.score(w)[0].item() == pytest.approx(comp.loss, rel=1e-5)
+
+    out = comp.save(tmp_path / "run")
+    rec = json.loads((out / "lorahub.json").read_text())
+    assert rec["weights"] == pytest.approx(comp.weights)
+    assert (out / "best_weights.json").is_file() and (out / "README.md").read_text().startswith("---")
+
+    batch = encode(tok, as_examples(EXAMPLES), seq2seq=False)
+    merged = comp.merge()
+    peft_model = PeftModel.from_pretrained(__import__("copy").deepcopy(model), out)
+    with torch.no_grad():
+        a = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        base = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - base).abs().max() > 1e-3  # the adapter changes the model; the base is untouched by merge()
+
+    preds = comp.predict([e["input"] for e in EXAMPLES], max_new_tokens=4)
+    assert len(preds) == len(EXAMPLES) and all(isinstance(p, str) for p in preds)
+    with torch.no_grad():  # predict restored the base weights
+        again = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(base, again)
+
+
+def test_predict_uses_merged_weights_and_mask(tiny_llama, llama_modules):
+    """Batched left-padded greedy predictions equal one-at-a-time predictions of the merged model."""
+    from lorahub.generate import generate
+
+    model, tok = tiny_llama
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, population=4, progress=False)
+    inputs = [e["input"] for e in EXAMPLES]
+    batched = comp.predict(inputs, max_new_tokens=5, batch_size=5)
+    merged = comp.merge()
+    single = [generate(merged, tok, [x], max_new_tokens=5)[0] for x in inputs]
+    assert batched == single
+
+
+def test_compose_seq2seq(tiny_t5, t5_modules, tmp_path):
+    from peft import PeftModel
+
+    model, tok = tiny_t5
+    comp = compose(EXAMPLES, [str(p) for p in t5_modules], (model, tok), budget=8, population=4, progress=False)
+    out = comp.save(tmp_path / "t5")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_2_SEQ_LM" and cfg["target_modules"] == ["q", "v"]
+    batch = encode(tok, as_examples(EXAMPLES), seq2seq=True)
+    dec = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
+    peft_model = PeftModel.from_pretrained(__import__("copy").deepcopy(model), out)
+    with torch.no_grad():
+        a = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, decoder_input_ids=dec).logits
+        b = comp.merge()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)
+    assert len(comp.predict(["Q: hi\nA:"], max_new_tokens=3)) == 1
+
+
+def test_same_seed_same_weights(tiny_llama, llama_modules):
+    model, tok = tiny_llama
+    kw = dict(budget=8, population=4, progress=False, seed=7)
+    a = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **kw)
+    b = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **kw)
+    c = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **{**kw, "seed": 8})
+    assert a.weights == b.weights
+    assert a.weights != c.weights
+
+
+def test_compose_recovers_known_weights(tiny_llama, tmp_path, tiny_llama_dir):
+    """Targets made by a known composition: the search gets closer to them than w=0 and any single module."""
+    from conftest import make_module
+
+    model, tok = tiny_llama
+    # strong modules, so that a tiny random model's greedy outputs depend on the weights
+    llama_modules = [make_module(model, tmp_path / f"strong{i}", seed=20 + i, scale=2.0, base_name=str(tiny_llama_dir))
+                     for i in range(4)]
+    comp0 = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, population=4, progress=False)
+    names = comp0.stacked.names
+    truth = {n: 0.0 for n in names}
+    truth[names[0]], truth[names[2]] = 0.8, 0.5
+    comp0.weights = truth
+    prompts = [f"Q: item {i} of the list?\nA:" for i in range(12)]
+    outputs = comp0.predict(prompts, max_new_tokens=3)
+    task = [{"input": p, "output": o} for p, o in zip(prompts, outputs) if o.strip()]
+    train = task[:6]
+    comp = compose(train, [str(p) for p in llama_modules], (model, tok), budget=120, population=8, progress=False,
+                   l1=0.0, seed=1)
+    with PopulationEvaluator(model, tok, comp.stacked, as_examples(train)) as ev:
+        singles = ev.score(torch.eye(len(names))).min().item()
+        zero = ev.score(torch.zeros(1, len(names)))[0].item()
+        at_truth = ev.score(torch.tensor([[truth[n] for n in names]]))[0].item()
+    assert comp.loss <= singles + 1e-6
+    assert at_truth < zero
+    # a random tiny model's greedy outputs are near-ties, so only a clear gain is asked for here; the
+    # real-model check (benchmarks/known_weights.py) asks for reproduced outputs
+    assert comp.loss < zero - 0.1, (comp.loss, at_truth, zero)
+
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([], "at least one"),
+    ([{"input": "x"}], "needs keys 'input' and 'output'"),
+    ([{"input": "x", "output": "  "}], "'output' is empty"),
+    ([("only-one",)], "expected a dict"),
+    ("not a list", "expected a list"),
+])
+def test_bad_examples(bad, msg, tiny_llama, llama_modules):
+    with pytest.raises(LorahubValueError, match=msg):
+        compose(bad, [str(p) for p in llama_modules], tiny_llama, progress=False)
+
+
+def test_budget_smaller_than_population(tiny_llama, llama_modules):
+    with pytest.raises(LorahubValueError, match=r"budget \(3\) is smaller than the population \(4\)"):
+        compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=3, population=4, progress=False)
+
+
+def test_dataset_input(tiny_llama, llama_modules):
+    import datasets
+
+    ds = datasets.Dataset.from_list(EXAMPLES)
+    comp = compose(ds, [str(p) for p in llama_modules], tiny_llama, budget=4, population=4, progress=False)
+    assert comp.record["num_examples"] == len(EXAMPLES)
