@@ -78,6 +78,34 @@ def resolve_store(modules: Any) -> ModuleStore:
     return store
 
 
+def _base(base_model: Any, store: ModuleStore, device: Any) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name): a loaded pair is used as is, else the named model (or the hub's base) loads."""
+    if isinstance(base_model, tuple):
+        model, tokenizer = base_model
+        return model, tokenizer, getattr(model, "lorahub_base_name", None) or model.config.name_or_path
+    name = base_model or store.base_model or DEFAULT_BASE_MODEL
+    model, tokenizer = load_base(name, device=device)
+    return model, tokenizer, name
+
+
+def _stack(store: ModuleStore, names: Sequence[str], model: Any, base_name: str) -> StackedModules:
+    p = next(model.parameters())
+    return store.stack(names, model, base_name=base_name, device=p.device, dtype=p.dtype)
+
+
+def from_weights(weights: dict[str, float], modules: Any = None, base_model: Any = None, *,
+                 device: str | torch.device | None = None, max_new_tokens: int = 32) -> Composition:
+    """A Composition with given weights (no search): to apply, predict with or export a known weighting."""
+    store = resolve_store(modules)
+    model, tokenizer, base_name = _base(base_model, store, device)
+    names = list(weights)
+    stacked = _stack(store, names, model, base_name)
+    record = {"base_model": base_name, "modules": names, "weights": dict(weights), "loss": float("nan"),
+              "objective": float("nan"), "optimizer": "given", "evaluations": 0, "seed": None, "num_examples": 0,
+              "max_new_tokens": max_new_tokens, "hub": store.name, "versions": versions()}
+    return Composition(dict(weights), float("nan"), float("nan"), [], model, tokenizer, stacked, record)
+
+
 def compose(
     task_examples: Any,
     modules: Any = None,
@@ -113,15 +141,9 @@ def compose(
     """
     examples: list[Example] = as_examples(task_examples)
     store = resolve_store(modules)
-    if isinstance(base_model, tuple):
-        model, tokenizer = base_model
-        base_name = getattr(model, "lorahub_base_name", None) or model.config.name_or_path
-    else:
-        base_name = base_model or store.base_model or DEFAULT_BASE_MODEL
-        model, tokenizer = load_base(base_name, device=device)
-    dev = next(model.parameters()).device
+    model, tokenizer, base_name = _base(base_model, store, device)
     names = store.select(num_candidates, seed)
-    stacked = store.stack(names, model, base_name=base_name, device=dev, dtype=next(model.parameters()).dtype)
+    stacked = _stack(store, names, model, base_name)
 
     bar = None
     if progress:

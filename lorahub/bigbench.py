@@ -1,6 +1,6 @@
 """BIG-bench task pools as lorahub :class:`~lorahub.data.Example` lists, and the seeded train/held-out split.
 
-Layout read by :func:`read_task_dir` (``/work/shared/bigbench``)::
+Layout read by :func:`read_task_dir` (``../shared/bigbench`` beside the repo)::
 
     index.json            {task: {"task_prefix", "example_input_prefix", "example_output_prefix",
                                   "choice_prefix", "append_choices_to_input", "kind", ...}}

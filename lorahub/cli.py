@@ -56,8 +56,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
     command = "lorahub " + " ".join(shlex.quote(a) for a in (args.argv or []))
 
     def on_step(done: int, best: Any) -> None:
-        if not cfg.progress:
-            print(f"  {done:4d} evaluations  best loss {best.loss:.4f}  objective {best.objective:.4f}")
+        line = f"  {done:4d}/{cfg.budget} evaluations  best loss {best.loss:.4f}  objective {best.objective:.4f}"
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line)
 
     result = compose(
         [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,

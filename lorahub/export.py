@@ -51,7 +51,7 @@ def adapter_config(config: Mapping[str, Any], base_model: str, seq2seq: bool) ->
 
     known = set(LoraConfig.__dataclass_fields__)
     cfg = {k: v for k, v in cfg.items() if k in known}
-    if isinstance(cfg.get("target_modules"), (set, tuple)):
+    if isinstance(cfg.get("target_modules"), (set, tuple, list)):  # PEFT writes a set in hash order
         cfg["target_modules"] = sorted(cfg["target_modules"])
     LoraConfig(**cfg)
     return cfg

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import metrics
 from ._io import atomic_dir, atomic_write_json, sha256_file
 from .bigbench import list_tasks, read_task, split_examples
 from .data import Example
@@ -33,17 +34,12 @@ from .train import TRAIN_REPORT, TrainConfig, TrainedModule, delta_weights, save
 
 BUILD_LOG = "build_log.jsonl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLAN_T5_IDS = Path("/work/shared/lorahub/flan_t5_large_modules.txt")
-
-
-def normalize_answer(text: str) -> str:
-    """Exact-match normalisation: strip, lower case, drop periods."""
-    return text.strip().lower().replace(".", "")
+FLAN_T5_IDS = REPO_ROOT.parent / "shared" / "lorahub" / "flan_t5_large_modules.txt"
 
 
 def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
-    hits = sum(normalize_answer(p) == normalize_answer(e.output) for p, e in zip(predictions, examples))
-    return hits / max(1, len(examples))
+    """Fraction (0-1) of predictions matching their example's output (LoraHub's normalisation)."""
+    return metrics.exact_match(predictions, [e.output for e in examples]) / 100.0
 
 
 def _max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
@@ -149,6 +145,7 @@ def build_hub(
         if task not in done and report.is_file() and (out_dir / task / SAFETENSORS_WEIGHTS).is_file():
             entry = json.loads(report.read_text(encoding="utf-8"))["manifest_entry"]
             entry["sha256"] = sha256_file(out_dir / task / SAFETENSORS_WEIGHTS)
+            entry["size_bytes"] = (out_dir / task / SAFETENSORS_WEIGHTS).stat().st_size
             manifest["modules"].append(entry)
             done.add(task)
             _log(out_dir, "adopted", task=task)
@@ -208,6 +205,9 @@ def build_hub(
                                           report={"quality": quality, "manifest_entry": entry})
                     entry["sha256"] = sha256_file(weights)
                     entry["size_bytes"] = weights.stat().st_size
+                    os.chmod(tmp, 0o755)  # mkdtemp/mkstemp make private files; modules are for sharing
+                    for f in tmp.iterdir():
+                        os.chmod(f, 0o644)
                 manifest["modules"].append(entry)
                 atomic_write_json(mpath, manifest)
                 _log(out_dir, "saved", task=task, **quality)

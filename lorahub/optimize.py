@@ -84,6 +84,8 @@ def search(
         raise LorahubValueError(f"bounds must contain the start w=0 (lo < 0 < hi), got {bounds}")
     if population < 1:
         raise LorahubValueError(f"population must be at least 1, got {population}")
+    if optimizer == "cma" and population < 2:
+        raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
     if budget < population:
         raise LorahubValueError(f"budget ({budget}) is smaller than the population ({population}); raise the budget or lower the population")
     param = ng.p.Array(init=np.zeros(num_modules), lower=lo, upper=hi)

@@ -75,8 +75,8 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "names of the nn.Linear layers that get an adapter (Llama: q_proj,v_proj; T5: q,v)"},
     )
-    steps: int = field(default=80, metadata={"help": "optimizer steps per module"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (warm-up, then cosine to lr/10)"})
+    steps: int = field(default=50, metadata={"help": "optimizer steps per module"})
+    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (warm-up, then cosine to lr/10)"})
     warmup_steps: int = field(default=5, metadata={"help": "steps of linear learning-rate warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on adapter weights"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip each module's gradient norm to this; 0 disables"})

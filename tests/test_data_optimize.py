@@ -1,0 +1,85 @@
+"""Examples, prompt formatting, JSONL errors, and the nevergrad search loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lorahub.data import as_examples, encode, format_example, read_jsonl
+from lorahub.errors import LorahubValueError
+from lorahub.metrics import exact_match
+from lorahub.optimize import search
+
+
+def test_format_moves_trailing_space_to_answer():
+    assert format_example("Q: x\nA: ", "yes", seq2seq=False) == ("Q: x\nA:", " yes")
+    assert format_example("Q: x\nA:\n", "yes", seq2seq=False) == ("Q: x\nA:\n", "yes")
+    assert format_example("in ", "out", seq2seq=True) == ("in ", "out")
+
+
+def test_encode_masks_prompt_and_padding(tokenizer):
+    ex = as_examples([("Q: 1+1?\nA:", "2"), ("Q: a much longer question here?\nA:", "no idea")])
+    b = encode(tokenizer, ex, seq2seq=False)
+    for i, e in enumerate(ex):
+        target = tokenizer(" " + e.output, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        assert b.labels[i][b.labels[i] != -100].tolist() == target
+    assert (b.labels[b.attention_mask == 0] == -100).all()
+
+
+def test_read_jsonl_names_bad_line(tmp_path):
+    f = tmp_path / "ex.jsonl"
+    f.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": ""}\n')
+    with pytest.raises(LorahubValueError, match=r"ex.jsonl:2: 'output' is empty"):
+        read_jsonl(f)
+    f.write_text('{"input": "a", "output": "b"}\nnot json\n')
+    with pytest.raises(LorahubValueError, match=r"ex.jsonl:2: not valid JSON"):
+        read_jsonl(f)
+
+
+def test_exact_match_normalisation():
+    assert exact_match([" Yes.", "no"], ["yes", "No"]) == 100.0
+    assert exact_match(["a"], ["b"]) == 0.0
+
+
+def _quadratic(target):
+    return lambda W: ((W - target) ** 2).sum(axis=1)
+
+
+def test_cma_finds_a_quadratic_minimum_and_is_seeded():
+    target = np.array([0.7, -0.4, 0.0, 1.1])
+    r1 = search(_quadratic(target), 4, budget=400, population=8, l1=0.0, seed=3)
+    r2 = search(_quadratic(target), 4, budget=400, population=8, l1=0.0, seed=3)
+    assert np.allclose(r1.weights, target, atol=0.05)
+    assert np.array_equal(r1.weights, r2.weights)
+    assert r1.optimizer == "cma:ParametrizedCMA(popsize=8)"
+    assert [h["evaluation"] for h in r1.history] == list(range(1, 401))
+    assert all(a["best"] >= b["best"] for a, b in zip(r1.history, r1.history[1:]))
+
+
+def test_ngopt_is_cobyla_sequential():
+    calls = []
+    r = search(lambda W: calls.append(len(W)) or _quadratic(np.zeros(3))(W), 3, budget=10, optimizer="ngopt")
+    assert "Cobyla" in r.optimizer and set(calls) == {1} and len(calls) == 10
+
+
+def test_l1_and_bounds():
+    r = search(lambda W: np.zeros(len(W)), 3, budget=24, population=8, l1=0.05)
+    assert r.objective == pytest.approx(0.05 * np.abs(r.weights).mean())
+    assert (np.abs(r.weights) <= 1.5).all()
+    with pytest.raises(LorahubValueError, match="contain the start w=0"):
+        search(lambda W: np.zeros(len(W)), 3, bounds=(0.1, 1.0))
+    with pytest.raises(LorahubValueError, match="unknown optimizer 'adam'. Available: cma, ngopt"):
+        search(lambda W: np.zeros(len(W)), 3, optimizer="adam")
+
+
+def test_nan_candidates_score_inf_and_search_goes_on():
+    def score(W):
+        out = (W ** 2).sum(axis=1)
+        out[W[:, 0] > 0] = np.nan
+        return out
+
+    r = search(score, 2, budget=32, population=8, l1=0.0)
+    assert math.isfinite(r.objective) and r.weights[0] <= 0
+    assert any(math.isinf(h["objective"]) for h in r.history) and len(r.history) == 32

@@ -1,0 +1,184 @@
+"""Hub build: resumes after a kill without retraining, skips bad tasks, rejects weak modules, reports quality."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorahub import hub as hub_mod
+from lorahub.hub import BUILD_LOG, build_hub, flan_t5_large_manifest, format_table, hub_report
+from lorahub.store import ModuleStore
+from lorahub.train import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def save_tiny_base(folder: Path) -> Path:
+    """A 2-layer random Llama + byte-level BPE tokenizer, saved so that ``load_base(folder)`` reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(["Q: what is the colour of the sky?\nA: blue", "choice: yes no red green 0123456789"] * 10, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_pool(root: Path, names, n: int = 60, bad: dict | None = None) -> Path:
+    words = ["red", "green", "blue", "yes", "no"]
+    (root / "tasks").mkdir(parents=True, exist_ok=True)
+    index = {}
+    for k, name in enumerate(names):
+        index[name] = {"kind": "multiple_choice", "source": "test"}
+        rows = [json.dumps({"input": f"{name} {i}?", "target": words[(i + k) % 5], "targets": None, "choices": words})
+                for i in range(n)]
+        if bad and name in bad:
+            rows[bad[name] - 1] = "{broken"
+        (root / "tasks" / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+def events(out: Path) -> list[dict]:
+    f = out / BUILD_LOG
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = dict(rank=4, alpha=8, steps=3, batch_size=2, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+def test_build_resumes_after_kill_without_retraining(base_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool", [f"task{i}" for i in range(6)])
+    out = tmp_path / "hub" / "tiny"
+    script = tmp_path / "build.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from lorahub.hub import build_hub
+        from lorahub.train import TrainConfig
+        build_hub({str(pool)!r}, {str(base_dir)!r}, {str(out)!r},
+                  TrainConfig(rank=4, alpha=8, steps=40, batch_size=4, max_length=64),
+                  eval_examples=8, require_improvement=False, progress=False)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(e["event"] == "saved" for e in events(out)):
+            if proc.poll() is not None:
+                pytest.fail(f"build subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, like a crash
+        proc.wait()
+    before = events(out)
+    saved_before = {e["task"] for e in before if e["event"] == "saved"}
+    assert saved_before, "no module was written before the kill"
+    assert len(saved_before) < 6, "the build finished before the kill; nothing was resumed"
+    manifest = out.parent / "tiny.json"
+    json.loads(manifest.read_text())  # never half-written
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name and p.is_file()]
+
+    build_hub(pool, str(base_dir), out, TrainConfig(rank=4, alpha=8, steps=40, batch_size=4, max_length=64),
+              eval_examples=8, require_improvement=False, progress=False)
+    after = events(out)[len(before):]
+    retrained = {t for e in after if e["event"] == "train_start" for t in e["tasks"]} & saved_before
+    assert not retrained, f"finished modules were trained again: {retrained}"
+    saves = [e["task"] for e in events(out) if e["event"] in ("saved", "adopted")]
+    assert sorted(saves) == [f"task{i}" for i in range(6)]  # each exactly once
+    store = ModuleStore.from_manifest(manifest)
+    assert len(store) == 6
+    assert all(err is None for _, err in store.verify()), store.verify()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_bad_task_is_skipped_and_build_goes_on_then_nothing_to_redo(base_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool", ["good1", "broken", "good2"], bad={"broken": 7})
+    out = tmp_path / "hub" / "h"
+    config = TrainConfig(**FAST)
+    manifest = build_hub(pool, str(base_dir), out, config, eval_examples=4, require_improvement=False, progress=False)
+    log = events(out)
+    skipped = [e for e in log if e["event"] == "skipped"]
+    assert len(skipped) == 1 and skipped[0]["task"] == "broken" and "broken.jsonl:7" in skipped[0]["error"]
+    data = json.loads(manifest.read_text())
+    assert [m["name"] for m in data["modules"]] == ["good1", "good2"]
+    m = data["modules"][0]
+    assert m["location"] == "h/good1" and len(m["sha256"]) == 64
+    for key in ("train_loss", "base_em", "module_em", "eval_examples", "train_examples", "heldout_examples"):
+        assert key in m
+    assert m["heldout_examples"] >= 50 and m["train_examples"] == 10
+
+    rows = hub_report(manifest)
+    assert [r["module"] for r in rows] == ["good1", "good2"]
+    table = format_table(rows)
+    assert "good2" in table and "module_em" in table and "mean of 2" in table
+
+    # a module folder renamed into place just before a kill, but missing from the manifest, is adopted
+    data["modules"] = data["modules"][:1]
+    manifest.write_text(json.dumps(data))
+    n = len(log)
+    build_hub(pool, str(base_dir), out, config, eval_examples=4, require_improvement=False, progress=False)
+    new = [e["event"] for e in events(out)[n:]]
+    assert "train_start" not in [e for e in new if e != "skipped"] and new.count("adopted") == 1
+    assert len(ModuleStore.from_manifest(manifest)) == 2
+
+
+def test_weak_module_is_rejected_and_not_retrained(base_dir, tmp_path, monkeypatch):
+    pool = write_pool(tmp_path / "pool", ["flat"])
+    out = tmp_path / "hub" / "r"
+    monkeypatch.setattr(hub_mod, "heldout_em", lambda *a, **k: 0.5)  # module never beats the base
+    manifest = build_hub(pool, str(base_dir), out, TrainConfig(**FAST), eval_examples=4, progress=False)
+    data = json.loads(manifest.read_text())
+    assert data["modules"] == [] and [r["task"] for r in data["rejected"]] == ["flat"]
+    assert not (out / "flat").exists()
+    n = len(events(out))
+    build_hub(pool, str(base_dir), out, TrainConfig(**FAST), eval_examples=4, progress=False)
+    assert len(events(out)) == n
+    assert [r["status"] for r in hub_report(manifest)] == ["rejected"]
+
+
+def test_flan_t5_manifest_parses(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("lorahub/flan_t5_large-ag_news_subset\nlorahub/flan_t5_large-quoref_Guess_Answer\n")
+    path = flan_t5_large_manifest(ids, tmp_path / "flan.json")
+    store = ModuleStore.from_manifest(path)
+    spec = store.specs["flan_t5_large-ag_news_subset"]
+    assert spec.location == "hf://lorahub/flan_t5_large-ag_news_subset"
+    assert (spec.base_model, spec.rank, spec.alpha, spec.target_modules) == ("google/flan-t5-large", 16, 32, ["q", "v"])
+    shipped = REPO / "hub_index" / "lorahub-flan-t5-large.json"
+    if shipped.is_file():
+        store = ModuleStore.from_manifest(shipped)
+        assert len(store) == 196 and json.loads(shipped.read_text())["model_type"] == "seq2seq"

@@ -1,0 +1,134 @@
+"""Module store: loading, validation errors that name the culprit, sha256, manifests, offline hub ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lorahub.errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
+from lorahub.manifest import add_to_manifest
+from lorahub.store import ModuleStore, read_module
+
+from conftest import make_module
+
+
+def _store(*paths):
+    s = ModuleStore()
+    for p in paths:
+        s.add_path(p)
+    return s
+
+
+def test_stack_shapes(tiny_llama, llama_modules):
+    model, _ = tiny_llama
+    st = _store(*llama_modules).stack([p.name for p in llama_modules], model)
+    layer = "model.layers.0.self_attn.v_proj"
+    assert st.A[layer].shape == (4, 4, 64)  # [N, r, in]
+    assert st.B[layer].shape == (4, 32, 4)  # [N, out, r] (2 kv heads x 16)
+    assert st.scaling == 2.0 and len(st.layers) == 4
+    mod = read_module(llama_modules[1])
+    torch.testing.assert_close(st.A[layer][1], mod.layers[layer][0])
+
+
+def test_rank_mismatch_names_module(tiny_llama, llama_modules, tmp_path):
+    model, _ = tiny_llama
+    odd = make_module(model, tmp_path / "rank8", seed=5, r=8, alpha=16)
+    with pytest.raises(LorahubValueError, match=r"module 'rank8' has rank r=8, but 'mod0' has r=4"):
+        _store(llama_modules[0], odd).stack(["mod0", "rank8"], model)
+
+
+def test_target_mismatch(tiny_llama, llama_modules, tmp_path):
+    model, _ = tiny_llama
+    odd = make_module(model, tmp_path / "qk", seed=5, targets=("q_proj", "k_proj"))
+    with pytest.raises(LorahubValueError, match=r"module 'qk' targets other layers than 'mod0'"):
+        _store(llama_modules[0], odd).stack(["mod0", "qk"], model)
+
+
+def test_base_model_mismatch(tiny_llama, llama_modules, tmp_path):
+    model, _ = tiny_llama
+    other = make_module(model, tmp_path / "other", seed=5, base_name="some-org/other-model")
+    with pytest.raises(LorahubValueError, match=r"'other' was trained on base model 'some-org/other-model'"):
+        _store(llama_modules[0], other).stack(["mod0", "other"], model)
+    with pytest.raises(LorahubValueError, match="not on 'google/flan-t5-large'"):
+        _store(llama_modules[0]).stack(["mod0"], model, base_name="google/flan-t5-large")
+
+
+def test_shape_mismatch_with_base(tiny_llama, tiny_t5, llama_modules):
+    t5, _ = tiny_t5
+    with pytest.raises(LorahubValueError, match=r"layer 'model.layers.0.self_attn.q_proj' does not exist in the base model"):
+        _store(llama_modules[0]).stack(["mod0"], t5)
+
+
+def test_missing_and_corrupted_weights(llama_modules, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_modules[0], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(LorahubFileError, match=r"module 'broken': no adapter_model.safetensors or adapter_model.bin"):
+        read_module(broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(LorahubIntegrityError, match=r"module 'broken': cannot read .*adapter_model.safetensors"):
+        read_module(broken)
+
+
+def test_sha256_mismatch_via_manifest(llama_modules, tmp_path):
+    manifest = tmp_path / "hub.json"
+    entry = add_to_manifest(manifest, str(llama_modules[0]), task="t0")
+    store = ModuleStore.from_manifest(manifest)
+    assert store.verify() == [("mod0", None)]
+    data = json.loads(manifest.read_text())
+    data["modules"][0]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(LorahubIntegrityError, match=r"module 'mod0': sha256 of .* is " + entry["sha256"]):
+        ModuleStore.from_manifest(manifest).load("mod0")
+
+
+def test_legacy_bin_loads_like_safetensors(llama_modules, tmp_path):
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(llama_modules[0] / "adapter_config.json", legacy)
+    torch.save(load_file(str(llama_modules[0] / "adapter_model.safetensors")), legacy / "adapter_model.bin")
+    a, b = read_module(llama_modules[0]), read_module(legacy)
+    assert a.layers.keys() == b.layers.keys()
+    for k in a.layers:
+        torch.testing.assert_close(a.layers[k][0], b.layers[k][0])
+
+
+def test_unknown_module_and_hub_list_names(llama_modules):
+    store = _store(*llama_modules)
+    with pytest.raises(LorahubValueError, match=r"unknown module 'nope'. Available: mod0, mod1"):
+        store.load("nope")
+    with pytest.raises(LorahubFileError, match=r"unknown hub 'no-such-hub'.*Available:"):
+        ModuleStore.from_manifest("no-such-hub")
+
+
+def test_hub_id_offline_fails_fast_and_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    store = ModuleStore()
+    store.add_path("hf://lorahub/flan_t5_large-ag_news_subset")
+    with pytest.raises(LorahubFileError, match=r"hub repo 'lorahub/flan_t5_large-ag_news_subset' is not in the local Hugging Face cache"):
+        store.load("flan_t5_large-ag_news_subset")
+
+
+def test_select_is_seeded(llama_modules):
+    store = _store(*llama_modules)
+    assert store.select(2, 1) == store.select(2, 1)
+    assert len({tuple(store.select(2, s)) for s in range(10)}) > 1
+    assert store.select(10, 0) == store.names
+    with pytest.raises(LorahubValueError, match="positive"):
+        store.select(0, 0)
+
+
+def test_bad_manifest(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(LorahubValueError, match=r"manifest .*bad.json is not valid JSON"):
+        ModuleStore.from_manifest(bad)
+    bad.write_text(json.dumps({"modules": [{"name": "x"}]}))
+    with pytest.raises(LorahubValueError, match=r"modules\[0\] needs 'name' and 'location'"):
+        ModuleStore.from_manifest(bad)
