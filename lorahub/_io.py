@@ -61,3 +61,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], what: str) -> Path:
+    """Local folder of a Hugging Face hub repo: the HF cache first, then one download attempt.
+
+    Offline, this fails at once with a message naming ``what`` (no stack of retries).
+    """
+    from huggingface_hub import snapshot_download
+
+    from .errors import LorahubFileError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: fall through to one online attempt
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LorahubFileError(
+            f"{what}: hub repo {repo_id!r} is not in the local Hugging Face cache and could not be "
+            f"downloaded ({first}). Connect to the hub once, or give a local folder."
+        ) from None

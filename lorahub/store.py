@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._io import sha256_file
+from ._io import hub_snapshot, sha256_file
 from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -369,19 +369,5 @@ def resolve_manifest(manifest: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str, name: str) -> Path:
-    """Fetch a module's adapter files through huggingface_hub: cache first, then the network once."""
-    from huggingface_hub import snapshot_download
-
-    patterns = [ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise LorahubFileError(
-            f"module {name!r}: hub repo {repo_id!r} is not in the local Hugging Face cache and could not be "
-            f"downloaded ({first}). Connect to the hub once, or point the module at a local folder."
-        ) from None
+    """Fetch a module's adapter files through huggingface_hub (cached; fails fast offline)."""
+    return hub_snapshot(repo_id, [ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS], f"module {name!r}")

@@ -73,6 +73,7 @@ def test_cli_modules_list_and_verify(hub, capsys):
 
 def test_base_model_not_found_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import time otherwise
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(LorahubFileError, match=r"base model 'nobody/no-such-model' could not be loaded"):
+    with pytest.raises(LorahubFileError, match=r"base model 'nobody/no-such-model': hub repo .* is not in the local Hugging Face cache"):
         load_base("nobody/no-such-model")
