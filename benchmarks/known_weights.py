@@ -34,26 +34,31 @@ def main() -> None:
     ap.add_argument("--hub", default=None, help="module hub (default: random modules of the base's shape)")
     ap.add_argument("--random-scale", type=float, default=0.03, help="std of random modules' A and B")
     ap.add_argument("--inputs", default=str(ROOT / "examples/past_tense/test.jsonl"), help="JSONL whose inputs are used")
-    ap.add_argument("--held-out", type=int, default=40)
+    ap.add_argument("--held-out", type=int, default=45)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--true-weights", default="0.9,0.6,-0.5", help="weights of the first k candidate modules")
+    ap.add_argument("--true-weights", default="0.9,0.6,-0.5",
+                    help="weights of the first k candidate modules (0.9,0.6,-0.5) or by name (name=0.8,other=0.4)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     model, tok = base_model(None, "cpu")
     store = resolve_store(args.hub) if args.hub else random_modules(model, 20, scale=args.random_scale)
     names = store.select(20, args.seed)
-    truth_w = [float(x) for x in args.true_weights.split(",")]
     truth = {n: 0.0 for n in names}
-    for n, w in zip(names[: len(truth_w)], truth_w):
-        truth[n] = w
+    for pos, item in enumerate(args.true_weights.split(",")):
+        name, _, w = item.rpartition("=")
+        truth[name or names[pos]] = float(w)
+    if set(truth) != set(names):
+        raise SystemExit(f"--true-weights names modules outside the 20 candidates: {sorted(set(truth) - set(names))}")
 
     inputs = [e.input for e in read_jsonl(args.inputs)][: 5 + args.held_out]
     # outputs of the known composition: a Composition with the true weights predicts them
     outputs = from_weights(truth, store, (model, tok), max_new_tokens=8).predict(inputs)
     base_outputs = from_weights({n: 0.0 for n in names}, store, (model, tok), max_new_tokens=8).predict(inputs)
-    pairs = [(i, o) for i, o in zip(inputs, outputs) if o.strip()]
+    # keep outputs that ended by themselves (newline/EOS before the token limit): a cut one has no true end
+    ended = lambda o: len(tok(" " + o, add_special_tokens=False).input_ids) < 7  # noqa: E731
+    pairs = [(i, o) for i, o in zip(inputs, outputs) if o.strip() and ended(o)]
     train, held = pairs[:5], pairs[5:]
 
     t0 = time.perf_counter()
@@ -66,11 +71,12 @@ def main() -> None:
         single = ev.score(torch.eye(len(order))).min().item()
         at_truth = ev.score(torch.tensor([[truth[n] for n in order]]))[0].item()
     preds = comp.predict([i for i, _ in held])
+    base_of = dict(zip(inputs, base_outputs))
     print("examples (input | known output | base | composed):")
-    for (i, o), b, p in list(zip(held, base_outputs[5:], preds))[:5]:
-        print(f"  {i[-30:]!r} | {o!r} | {b!r} | {p!r}")
+    for (i, o), p in list(zip(held, preds))[:5]:
+        print(f"  {i[-30:]!r} | {o!r} | {base_of[i]!r} | {p!r}")
     reproduced = sum(p == o for p, (_, o) in zip(preds, held))
-    base_same = sum(b == o for b, o in zip(base_outputs, outputs) if o.strip()) - sum(b == o for b, o in zip(base_outputs[:5], outputs[:5]) if o.strip())
+    base_same = sum(base_of[i] == o for i, o in held)
     res = {
         "hub": args.hub or f"20 random modules (std {args.random_scale})", "true_weights": {n: w for n, w in truth.items() if w},
         "found_weights": {n: round(w, 3) for n, w in comp.weights.items() if abs(w) > 0.05},

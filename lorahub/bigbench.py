@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Example, read_jsonl
+from .data import Example, iter_jsonl, read_jsonl
 from .errors import LorahubFileError, LorahubValueError
 
 # BIG-bench's defaults for absent prompt fields.
@@ -72,32 +72,20 @@ def bigbench_prompt(row: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def read_bigbench_task(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Example]:
     """Read ``tasks/<name>.jsonl``; a bad line raises a :class:`LorahubValueError` naming file and line."""
-    path = Path(path)
     meta = meta or {}
-    if not path.is_file():
-        raise LorahubFileError(f"task file {path} does not exist")
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorahubValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise LorahubValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            target = row.get("target", row.get("output"))
-            if target is None and row.get("targets"):
-                target = row["targets"][0]
-            if not isinstance(row.get("input"), str) or not row["input"].strip():
-                raise LorahubValueError(f"{path}:{lineno}: 'input' must be a non-empty string, got {row.get('input')!r:.60}")
-            if not isinstance(target, str) or not target.strip():
-                raise LorahubValueError(f"{path}:{lineno}: 'target' must be a non-empty string, got {target!r:.60}")
-            choices = row.get("choices")
-            if choices is not None and not isinstance(choices, list):
-                raise LorahubValueError(f"{path}:{lineno}: 'choices' must be a list or null, got {type(choices).__name__}")
-            out.append(Example(bigbench_prompt(row, meta), target))
+    for lineno, row in iter_jsonl(path):
+        target = row.get("target", row.get("output"))
+        if target is None and row.get("targets"):
+            target = row["targets"][0]
+        if not isinstance(row.get("input"), str) or not row["input"].strip():
+            raise LorahubValueError(f"{path}:{lineno}: 'input' must be a non-empty string, got {row.get('input')!r:.60}")
+        if not isinstance(target, str) or not target.strip():
+            raise LorahubValueError(f"{path}:{lineno}: 'target' must be a non-empty string, got {target!r:.60}")
+        choices = row.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise LorahubValueError(f"{path}:{lineno}: 'choices' must be a list or null, got {type(choices).__name__}")
+        out.append(Example(bigbench_prompt(row, meta), target))
     if not out:
         raise LorahubValueError(f"{path}: contains no examples")
     return out

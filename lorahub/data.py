@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -99,12 +99,11 @@ def as_examples(task_examples: Any, *, where: str = "task_examples", need_output
     return out
 
 
-def read_jsonl(path: str | os.PathLike, *, need_output: bool = True) -> list[Example]:
-    """Read ``{"input", "output"}`` lines; a bad line raises an error naming file and line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-empty line; a bad line raises an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise LorahubFileError(f"examples file {path} does not exist")
-    rows = []
+        raise LorahubFileError(f"file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -115,12 +114,19 @@ def read_jsonl(path: str | os.PathLike, *, need_output: bool = True) -> list[Exa
                 raise LorahubValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise LorahubValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if "output" not in row and "target" in row:
-                row = {**row, "output": row["target"]}
-            try:
-                rows.extend(as_examples([row], where=f"{path}:{lineno}", need_output=need_output))
-            except LorahubValueError as e:
-                raise LorahubValueError(str(e).replace(f"{path}:{lineno}[0]", f"{path}:{lineno}")) from None
+            yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike, *, need_output: bool = True) -> list[Example]:
+    """Read ``{"input", "output"}`` lines (``target`` is taken for ``output``); errors name file and line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if "output" not in row and "target" in row:
+            row = {**row, "output": row["target"]}
+        try:
+            rows.extend(as_examples([row], where=f"{path}:{lineno}", need_output=need_output))
+        except LorahubValueError as e:
+            raise LorahubValueError(str(e).replace(f"{path}:{lineno}[0]", f"{path}:{lineno}")) from None
     if not rows:
         raise LorahubValueError(f"{path}: contains no examples")
     return rows

@@ -112,6 +112,30 @@ def t5_modules(tiny_t5, tmp_path, tiny_t5_dir):
             for i in range(3)]
 
 
+def tiny_model_and_tokenizer(seed: int = 0):
+    """A 2-layer random Llama and a byte-level BPE tokenizer trained on a few lines (no files needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(["Q: what is the colour of the sky?\nA: blue", "choice: yes no red green 0123456789"] * 10, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
 EXAMPLES = [
     {"input": "Q: What is 2 plus 2?\nA:", "output": "4"},
     {"input": "Q: Name the capital of France.\nA:", "output": "Paris"},

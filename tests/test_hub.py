@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import tiny_model_and_tokenizer
 import torch
 
 from lorahub import hub as hub_mod
@@ -21,25 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def save_tiny_base(folder: Path) -> Path:
-    """A 2-layer random Llama + byte-level BPE tokenizer, saved so that ``load_base(folder)`` reads it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(["Q: what is the colour of the sky?\nA: blue", "choice: yes no red green 0123456789"] * 10, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    """The tiny random Llama + BPE tokenizer, saved so that ``load_base(folder)`` reads it."""
+    model, tok = tiny_model_and_tokenizer()
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -62,15 +48,6 @@ def write_pool(root: Path, names, n: int = 60, bad: dict | None = None) -> Path:
 def events(out: Path) -> list[dict]:
     f = out / BUILD_LOG
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FAST = dict(rank=4, alpha=8, steps=3, batch_size=2, max_length=64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from conftest import tiny_model_and_tokenizer
 import torch
 
 from lorahub.data import Example, encode
@@ -20,39 +22,6 @@ from lorahub.train import (
     save_module,
     train_modules,
 )
-
-
-def tiny_model_and_tokenizer(seed: int = 0):
-    """A 2-layer random Llama and a byte-level BPE tokenizer trained on a few lines (no files needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(["Q: what is the colour of the sky?\nA: blue", "choice: yes no red green 0123456789"] * 10, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model, tok
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy_task(name: str, n: int = 24) -> list[Example]:
