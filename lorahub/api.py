@@ -120,6 +120,7 @@ def compose(
     seed: int = 42,
     device: str | torch.device | None = None,
     progress: bool = True,
+    probe_singles: bool | None = None,
     max_rows: int = 256,
     out_dir: str | Path | None = None,
     command: str | None = None,
@@ -137,6 +138,9 @@ def compose(
         budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N).
         optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
         l1: coefficient of mean|w| added to the loss. bounds: box for each weight; the search starts at 0.
+        probe_singles: score the N single modules (one-hot weights) in one batched pass before the
+            search and tell them to the optimizer, so the result is never worse than the best single
+            module (N evaluations beyond ``budget``). Default: on, except for the reference ``"ngopt"``.
         out_dir: if given, ``best_weights.json`` is written there at each new best.
     """
     examples: list[Example] = as_examples(task_examples)
@@ -166,8 +170,11 @@ def compose(
     try:
         with PopulationEvaluator(model, tokenizer, stacked, examples, max_rows=max_rows) as ev:
             zero_loss = float(ev.score(np.zeros((1, len(names))))[0])
+            if probe_singles is None:
+                probe_singles = optimizer != "ngopt"
             result = search(lambda w: ev.score(w).numpy(), len(names), budget=budget, population=population,
-                            optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=step)
+                            optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=step,
+                            probes=np.eye(len(names)) if probe_singles else None)
     finally:
         if bar is not None:
             bar.close()
@@ -179,7 +186,7 @@ def compose(
     record = {
         "base_model": base_name, "modules": names, "weights": weights, "loss": result.loss,
         "objective": result.objective, "zero_weight_loss": zero_loss, "optimizer": result.optimizer,
-        "budget": budget, "evaluations": len(result.history),
+        "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles),
         "population": result.population,
         "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
         "num_examples": len(examples), "max_new_tokens": max_target + 4, "seconds": round(seconds, 3),

@@ -19,8 +19,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(ComposeConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_} (default: {f.default})")
+        if str(f.type).startswith("bool"):
+            default = "" if f.default is None else f" (default: {f.default})"
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_ + default)
         elif "list" in str(f.type):
             p.add_argument(flag, nargs="+", default=None, metavar="PATH", help=help_)
         else:
@@ -68,6 +69,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,
         base_model=cfg.base_model, num_candidates=cfg.num_candidates, budget=cfg.budget, population=cfg.population,
         optimizer=cfg.optimizer, l1=cfg.l1, bounds=(cfg.lower, cfg.upper), seed=cfg.seed, device=cfg.device,
+        probe_singles=cfg.probe_singles,
         progress=cfg.progress, max_rows=cfg.max_rows, out_dir=cfg.out, command=command, on_step=on_step,
     )
     r = result.record

@@ -27,6 +27,8 @@ class ComposeConfig:
         l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
         lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
         seed: seeds the choice of modules and the optimizer.
+        probe_singles: score the N single modules in one batch first, so the result is never worse than
+            the best of them (default: on, except for the reference optimizer "ngopt").
         device: "cpu", "cuda", ...; default: cuda if available.
         merged: also write the base model with the adapter merged in (``merged/``).
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
@@ -47,6 +49,8 @@ class ComposeConfig:
     lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
     upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
     seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
+    probe_singles: bool | None = field(default=None, metadata={
+        "help": "score each single module before the search (N extra evaluations; default: on except for ngopt)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
     max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})

@@ -64,6 +64,7 @@ def search(
     l1: float = 0.05,
     bounds: tuple[float, float] = (-1.5, 1.5),
     seed: int = 42,
+    probes: np.ndarray | None = None,
     on_step: Callable[[int, SearchResult], None] | None = None,
 ) -> SearchResult:
     """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N, starting at w = 0, within ``budget`` evaluations.
@@ -74,6 +75,8 @@ def search(
         losses = score(np.stack([c.value for c in cands]))
         for c, loss in zip(cands, losses): opt.tell(c, loss + l1_term)
 
+    ``probes`` (K, N): points scored in one batch before the search and told to the optimizer as
+    not-asked candidates (outside ``budget``; marked ``"probe"`` in the history), e.g. the single modules.
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
     if optimizer not in OPTIMIZERS:
@@ -93,20 +96,26 @@ def search(
     opt = OPTIMIZERS[optimizer](param, budget, population)
     name = opt.optim.name if hasattr(opt, "optim") else opt.name  # NGOpt delegates: record what ran
     best = SearchResult(np.zeros(num_modules), math.inf, math.inf, f"{optimizer}:{name}", population)
-    done = 0
-    while done < budget:
-        k = min(population, budget - done)
-        cands = [opt.ask() for _ in range(k)]
+
+    def run(cands: list, probe: bool) -> None:
         values = np.stack([c.value for c in cands])
         losses = np.asarray(score(values), dtype=np.float64)
         penalties = l1_penalty(torch.from_numpy(values), l1).numpy()
         for c, v, loss, pen in zip(cands, values, losses, penalties):
-            done += 1
             objective = float(loss + pen) if math.isfinite(loss) else math.inf
             opt.tell(c, objective if math.isfinite(objective) else 1e30)
             if objective < best.objective:
                 best.weights, best.objective, best.loss = v.copy(), objective, float(loss)
-            best.history.append({"evaluation": done, "loss": float(loss), "objective": objective, "best": best.objective})
+            entry = {"evaluation": len(best.history) + 1, "loss": float(loss), "objective": objective, "best": best.objective}
+            best.history.append({**entry, "probe": True} if probe else entry)
+
+    if probes is not None and len(probes):
+        run([opt.parametrization.spawn_child(new_value=np.clip(p, lo, hi)) for p in np.asarray(probes, float)], True)
+    done = 0
+    while done < budget:
+        k = min(population, budget - done)
+        run([opt.ask() for _ in range(k)], False)
+        done += k
         if on_step is not None:
             on_step(done, best)
     return best

@@ -23,7 +23,8 @@ def test_compose_end_to_end_and_export(tiny_llama, llama_modules, tmp_path):
     comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=12, population=4,
                    progress=False, out_dir=tmp_path / "run")
     assert set(comp.weights) == {p.name for p in llama_modules}
-    assert len(comp.history) == 12
+    assert len(comp.history) == 12 + 4  # budget + one probe per single module
+    assert [h.get("probe", False) for h in comp.history] == [True] * 4 + [False] * 12
     assert comp.loss <= comp.record["zero_weight_loss"] + 1e-6 or comp.objective <= comp.record["zero_weight_loss"]
     assert comp.record["optimizer"].startswith("cma:")
     assert (tmp_path / "run" / "best_weights.json").is_file()
@@ -150,3 +151,37 @@ def test_dataset_input(tiny_llama, llama_modules):
     ds = datasets.Dataset.from_list(EXAMPLES)
     comp = compose(ds, [str(p) for p in llama_modules], tiny_llama, budget=4, population=4, progress=False)
     assert comp.record["num_examples"] == len(EXAMPLES)
+
+
+def test_save_merged_model_reloads(tiny_llama, llama_modules, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_llama
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, population=4, progress=False)
+    out = comp.save(tmp_path / "m", merged=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
+    batch = encode(tok, as_examples(EXAMPLES), seq2seq=False)
+    with torch.no_grad():
+        a = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        b = comp.merge()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(a, b)
+    assert (out / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_existing_foreign_folder_is_refused(tiny_llama, llama_modules, tmp_path):
+    model, tok = tiny_llama
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, population=4, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(LorahubValueError, match="holds files lorahub did not write"):
+        comp.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_probes_make_result_no_worse_than_best_single(tiny_llama, llama_modules):
+    model, tok = tiny_llama
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, population=4, progress=False)
+    singles = [h["objective"] for h in comp.history if h.get("probe")]
+    assert len(singles) == 4 and comp.objective <= min(singles)
+    ref = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, optimizer="ngopt", progress=False)
+    assert not any(h.get("probe") for h in ref.history) and len(ref.history) == 4 and "Cobyla" in ref.record["optimizer"]

@@ -31,7 +31,7 @@ def test_cli_compose_writes_adapter(tmp_path, hub, tiny_llama_dir, capsys):
     text = capsys.readouterr().out
     assert "weights:" in text and "held-out exact match (5 examples)" in text
     rec = json.loads((out / "lorahub.json").read_text())
-    assert rec["evaluations"] == 8 and rec["command"].startswith("lorahub compose --examples")
+    assert rec["evaluations"] == 8 + 4 and rec["probe_singles"] and rec["command"].startswith("lorahub compose --examples")
     assert "held_out" in rec and set(rec["weights"]) == {"mod0", "mod1", "mod2", "mod3"}
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 

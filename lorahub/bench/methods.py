@@ -1,0 +1,267 @@
+"""The methods of the BBH table, a registry of name -> :class:`Method`, and the worker that runs a job.
+
+A method prepares a task: it picks the test prompts and, if it adapts the model, a
+:class:`~lorahub.api.Composition` (None: the base model). :meth:`Worker.run` then generates for every
+test prompt (batched greedy, left padding + attention mask, adapter merged into the weights, cut at the
+first newline; :func:`lorahub.generate.generate`) and scores exact match. So a new method is one
+``prepare`` function and one :func:`register` call; ``adapter:DIR`` (:func:`adapter_method`) is built that
+way, for evaluating a saved adapter folder.
+
+==================  ======  ================================================================================
+name                seeded  what it does
+==================  ======  ================================================================================
+zero-shot           no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
+icl                 no      the 5 learning examples as Q/A blocks in the prompt
+best-single         no      the hub module with the lowest few-shot loss (all modules scored in one pass)
+lorahub-reference   yes     LoraHub as published: 20 random modules, budget 40, ``optimizer="ngopt"``
+lorahub-default     yes     lorahub's defaults: 20 random modules, CMA-ES, batched evaluation, budget 40
+adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base
+==================  ======  ================================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .._io import sha256_file
+from ..data import as_examples, format_example
+from ..errors import LorahubValueError
+from ..metrics import exact_match
+from .bbh import TaskSplit
+
+
+@dataclass
+class Prepared:
+    """What a method hands to the evaluation: the prompts, and the adapter (None: the base model)."""
+
+    prompts: list[str]
+    composition: Any = None  # lorahub.api.Composition, merged into the weights while generating
+    compose_seconds: float = 0.0  # wall time of preparing (search, scoring), not of generating
+    evals: int = 0  # candidate evaluations (few-shot loss of one weighting = 1)
+    info: dict[str, Any] = field(default_factory=dict)  # weights, modules, loss, optimizer, ...
+
+
+PrepareFn = Callable[["Worker", TaskSplit, "int | None", dict], Prepared]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table.
+
+    Args:
+        name: the name given to ``--methods``.
+        prepare: ``(worker, task, seed, spec) -> Prepared``.
+        seeded: runs once per ``--seeds`` value; otherwise once, with seed None.
+        uses_hub: needs the module hub (its fingerprint joins ``spec``).
+        spec: the method's settings; results made with another spec are never mixed in.
+        label: the row label in summary.md.
+    """
+
+    name: str
+    prepare: PrepareFn = field(repr=False)
+    seeded: bool = False
+    uses_hub: bool = False
+    spec: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+METHODS: dict[str, Method] = {}
+ADAPTER_PREFIX = "adapter:"
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise LorahubValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """A registered method by name; an unknown name lists the available ones."""
+    if name not in METHODS:
+        avail = ", ".join(list(METHODS) + [ADAPTER_PREFIX + "NAME (with --adapter DIR)"])
+        raise LorahubValueError(f"unknown method {name!r}. Available: {avail}")
+    return METHODS[name]
+
+
+class Worker:
+    """Holds the base model and the hub, each loaded once, and runs jobs (in process or as a Ray actor).
+
+    Args:
+        base_model: HF id or path (None: the hub's base model, else the default SmolLM2).
+        hub: a hub name or manifest path, or a list of module folders (None: the default hub).
+        device: "cpu", "cuda", ... (None: cuda if available).
+        threads: torch CPU threads (None: leave torch's setting).
+        batch_size: prompts per generation batch.
+        progress: show per-job progress bars (composition and generation).
+    """
+
+    def __init__(self, base_model: str | None = None, hub: Any = None, device: str | None = None,
+                 threads: int | None = None, batch_size: int = 16, progress: bool = False):
+        if threads:
+            torch.set_num_threads(threads)
+        self.base_model, self.hub, self.device, self.batch_size = base_model, hub, device, batch_size
+        self.progress = progress  # per-job bars (composition, generation)
+        self._pair: tuple[Any, Any] | None = None
+        self._store: Any = None
+        self._adapters: dict[str, Any] = {}
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from ..api import resolve_store
+
+            self._store = resolve_store(self.hub)
+        return self._store
+
+    @property
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        """The base model, loaded on first use and kept (never once per task or seed)."""
+        if self._pair is None:
+            from ..models import load_base
+
+            name = self.base_model
+            if name is None and self.hub is not None:
+                name = self.store.base_model
+            self._pair = load_base(name, device=self.device)
+        return self._pair
+
+    def adapter_store(self, path: str) -> Any:
+        if path not in self._adapters:
+            from ..store import ModuleStore
+
+            store = ModuleStore(name=Path(path).name)
+            store.add_path(path)
+            self._adapters[path] = store
+        return self._adapters[path]
+
+    def run(self, job: tuple[str, str, int | None], task: TaskSplit, method: Method) -> dict[str, Any]:
+        """Prepare ``method`` on ``task`` (with ``seed``), generate for every test prompt, score exact match."""
+        from ..generate import generate
+
+        task_name, method_name, seed = job
+        model, tok = self.model_and_tokenizer
+        prep = method.prepare(self, task, seed, method.spec)
+        max_new = max_new_tokens(tok, task, seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)))
+        t0 = time.perf_counter()
+        if prep.composition is None:
+            preds = generate(model, tok, prep.prompts, max_new_tokens=max_new, batch_size=self.batch_size,
+                             progress=self.progress)
+        else:
+            preds = prep.composition.predict(prep.prompts, max_new_tokens=max_new, batch_size=self.batch_size,
+                                             progress=self.progress)
+        eval_seconds = time.perf_counter() - t0
+        return {
+            "task": task_name, "method": method_name, "seed": seed,
+            "em": exact_match(preds, task.references), "n_test": len(task.test), "n_learn": len(task.learn),
+            "tokens_per_example": prompt_tokens(tok, prep.prompts, model), "max_new_tokens": max_new,
+            "compose_seconds": round(prep.compose_seconds, 4), "eval_seconds": round(eval_seconds, 4),
+            "evals": prep.evals, **prep.info, "predictions": preds,
+        }
+
+
+    def run_with(self, job: tuple[str, str, int | None], tasks: dict[str, TaskSplit], method: Method) -> dict[str, Any]:
+        """:meth:`run` with the task looked up in ``tasks`` (a Ray actor gets the dict once, by reference)."""
+        return self.run(job, tasks[job[0]], method)
+
+
+def max_new_tokens(tokenizer: Any, task: TaskSplit, *, seq2seq: bool, margin: int = 2) -> int:
+    """Tokens of the task's longest target (as the model sees it: leading space), + margin for newline/EOS."""
+    lengths = [len(tokenizer(format_example("A:", t, seq2seq=seq2seq)[1], add_special_tokens=False).input_ids)
+               for t in task.all_targets]
+    return max(lengths) + margin
+
+
+def prompt_tokens(tokenizer: Any, prompts: list[str], model: Any) -> float:
+    """Mean prompt length in tokens, as fed to the model."""
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    n = [len(tokenizer(format_example(p, None, seq2seq=seq2seq)[0]).input_ids) for p in prompts]
+    return round(sum(n) / max(1, len(n)), 2)
+
+
+# -- the methods ----------------------------------------------------------------------------------
+
+
+def _zero_shot(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    return Prepared(task.test_prompts)
+
+
+def _icl(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    return Prepared(task.test_icl_prompts)
+
+
+def _best_single(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    """Score every hub module alone (weight 1) on the learning examples in one batched pass; keep the best."""
+    from ..api import from_weights
+    from ..evaluate import PopulationEvaluator
+
+    model, tok = worker.model_and_tokenizer
+    store = worker.store
+    t0 = time.perf_counter()
+    p = next(model.parameters())
+    stacked = store.stack(store.names, model, base_name=getattr(model, "lorahub_base_name", None),
+                          device=p.device, dtype=p.dtype)
+    with PopulationEvaluator(model, tok, stacked, as_examples(task.learning_examples())) as ev:
+        losses = ev.score(torch.eye(len(stacked)))  # (N,): module i alone at weight 1
+    best = int(torch.argmin(losses))
+    name = stacked.names[best]
+    comp = from_weights({name: 1.0}, store, (model, tok))
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, len(stacked),
+                    {"weights": {name: 1.0}, "loss": float(losses[best]),
+                     "module_losses": {n: round(float(l), 5) for n, l in zip(stacked.names, losses)}})
+
+
+def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    """LoraHub: ``num_candidates`` random modules (drawn with ``seed``), weights searched on the learning examples."""
+    from ..api import compose
+
+    t0 = time.perf_counter()
+    comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
+                   num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
+                   optimizer=spec["optimizer"], l1=spec.get("l1", 0.05), seed=seed, progress=worker.progress)
+    r = comp.record
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
+                    {"weights": comp.weights, "loss": comp.loss, "zero_weight_loss": r["zero_weight_loss"],
+                     "optimizer": r["optimizer"], "population": r["population"], "search_seconds": r["seconds"]})
+
+
+def _adapter(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    from ..api import from_weights
+
+    store = worker.adapter_store(spec["path"])
+    t0 = time.perf_counter()
+    comp = from_weights({store.names[0]: 1.0}, store, worker.model_and_tokenizer)
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, 0, {"adapter": spec["path"]})
+
+
+def adapter_method(path: str | os.PathLike) -> Method:
+    """``adapter:<folder name>``: a saved PEFT LoRA adapter (e.g. ``lorahub compose --out``) merged into the base."""
+    from ..store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
+
+    folder = Path(path).resolve()
+    weights = folder / SAFETENSORS_WEIGHTS
+    if not weights.is_file():
+        weights = folder / LEGACY_WEIGHTS
+    if not weights.is_file():
+        raise LorahubValueError(f"--adapter {path}: no {SAFETENSORS_WEIGHTS} (or {LEGACY_WEIGHTS}) in that folder; "
+                                "give a PEFT LoRA adapter folder")
+    return Method(ADAPTER_PREFIX + folder.name, _adapter, spec={"path": str(folder), "sha256": sha256_file(weights)},
+                  label=f"adapter {folder.name}")
+
+
+register(Method("zero-shot", _zero_shot, label="Zero-shot"))
+register(Method("icl", _icl, label="In-context learning"))
+register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
+register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
+                spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05},
+                label="LoraHub-reference (ngopt, as published)"))
+register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
+                spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05},
+                label="lorahub-default (CMA-ES, batched)"))
+DEFAULT_METHODS = ["zero-shot", "icl", "best-single", "lorahub-reference", "lorahub-default"]

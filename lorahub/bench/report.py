@@ -1,0 +1,172 @@
+"""summary.md (a table like LoraHub's Table 1, the paper's figures alongside) and per_task.png, from results.jsonl.
+
+Seeded methods give two rows, as in the paper: *avg* (per task, the mean over seeds; then the mean over
+tasks) and *best* (per task, the best seed; then the mean over tasks). Every average is a macro average
+over the tasks that the method has results for; the ``tasks`` column says how many.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_text
+from .methods import DEFAULT_METHODS, METHODS
+
+# arXiv 2307.13269, Table 1: FLAN-T5-large, average exact match over the 27 BBH tasks; tokens per example
+PAPER_FLAN_T5_LARGE = [
+    ("Zero-shot", 27.0, None),
+    ("In-context learning (5 examples)", 37.3, "~598"),
+    ("IA3 fine-tuning", 31.6, None),
+    ("LoRA tuning", 37.7, None),
+    ("Full fine-tuning", 42.1, None),
+    ("LoraHub avg (5 seeds)", 34.7, "~112"),
+    ("LoraHub best (5 seeds)", 41.2, "~112"),
+]
+
+
+def _order(methods: list[str]) -> list[str]:
+    return sorted(methods, key=lambda m: (DEFAULT_METHODS.index(m) if m in DEFAULT_METHODS else len(DEFAULT_METHODS), m))
+
+
+def _label(method: str) -> str:
+    m = METHODS.get(method)
+    return m.label if m and m.label else method
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per table row: method, kind (""/avg/best), em, tasks, seeds, tokens, seconds, speeds."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    table = []
+    for method in _order(list(by_method)):
+        rs = by_method[method]
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            per_task[r["task"]].append(r["em"])
+        seeds = sorted({r["seed"] for r in rs}, key=lambda s: (s is None, s))
+        n_test, eval_s = sum(r["n_test"] for r in rs), sum(r["eval_seconds"] for r in rs)
+        evals, compose_s = sum(r["evals"] for r in rs), sum(r["compose_seconds"] for r in rs)
+        common = {
+            "method": method, "label": _label(method), "tasks": len(per_task),
+            "seeds": [s for s in seeds if s is not None],
+            "tokens": statistics.mean(r["tokens_per_example"] for r in rs),
+            "compose_seconds": compose_s, "eval_seconds": eval_s,
+            "examples_per_second": n_test / eval_s if eval_s else None,
+            "evals_per_second": evals / compose_s if evals and compose_s else None,
+            "per_task": {t: statistics.mean(v) for t, v in per_task.items()},
+        }
+        if seeds == [None]:
+            table.append({**common, "kind": "", "em": statistics.mean(common["per_task"].values())})
+        else:
+            table.append({**common, "kind": "avg", "em": statistics.mean(statistics.mean(v) for v in per_task.values())})
+            table.append({**common, "kind": "best", "em": statistics.mean(max(v) for v in per_task.values())})
+    return table
+
+
+def _f(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict]) -> str:
+    table = aggregate(rows)
+    hubs = {s["hub"]["name"]: s["hub"]["modules"] for s in specs.values() if "hub" in s}
+    limit = protocol.get("limit")
+    lines = [
+        "# BIG-Bench Hard: lorahub bbh",
+        "",
+        f"Base model `{protocol['base_model']}` ({protocol['dtype']})"
+        + "".join(f", hub `{h}` ({n} modules)" for h, n in hubs.items())
+        + f". Per task, {protocol['shots']} learning examples drawn with seed {protocol['split_seed']}; "
+        + ("the rest" if not limit else f"the first {limit} of the rest (--limit)")
+        + " are the test set. Exact match ×100 after strip(), lower() and removing \".\"; each figure is the "
+        "mean over the `tasks` column's tasks. Seeded methods: *avg* = mean over seeds, *best* = best seed per "
+        "task. Tokens = mean prompt tokens per test example. Seconds are summed over the method's jobs; "
+        "compose = few-shot search or scoring, eval = greedy generation on the test set.",
+        "",
+        "| method | | exact match | tasks | seeds | tokens / example | compose s | eval s | eval examples/s | compose evals/s |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in table:
+        seeds = ",".join(map(str, t["seeds"])) or "–"
+        lines.append(
+            f"| {t['label']} | {t['kind']} | {t['em']:.1f} | {t['tasks']} | {seeds} | {t['tokens']:.0f} | "
+            f"{t['compose_seconds']:.1f} | {t['eval_seconds']:.1f} | {_f(t['examples_per_second'])} | "
+            f"{_f(t['evals_per_second'], '{:.2f}')} |"
+        )
+    shown = lambda spec: {k: v for k, v in spec.items() if k not in ("hub", "seeded")}  # noqa: E731
+    settings = [f"- `{m}`: " + ", ".join(f"{k}={v}" for k, v in shown(s).items()) for m, s in specs.items() if shown(s)]
+    if settings:
+        lines += ["", "Settings:", *settings]
+    lines += [
+        "",
+        "## For orientation only: the paper's figures on another model",
+        "",
+        "LoraHub (arXiv 2307.13269), Table 1: **FLAN-T5-large** (783M parameters) with its 196 FLAN modules, "
+        "average over the 27 tasks. A different base model and hub: not comparable with the rows above.",
+        "",
+        "| method (FLAN-T5-large, paper) | exact match | tokens / example |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {em:.1f} | {tok or '–'} |" for name, em, tok in PAPER_FLAN_T5_LARGE],
+        "",
+        "## Per task",
+        "",
+    ]
+    cols = [(t["method"], t["kind"]) for t in table if t["kind"] != "best"]
+    tasks = sorted({r["task"] for r in rows})
+    n_test = {r["task"]: r["n_test"] for r in rows}
+    lines.append("| task | n test | " + " | ".join(m + (" (avg)" if k else "") for m, k in cols) + " |")
+    lines.append("| --- | ---: |" + " ---: |" * len(cols))
+    per = {(t["method"], t["kind"]): t["per_task"] for t in table}
+    for task in tasks:
+        cells = [_f(per[c].get(task)) for c in cols]
+        lines.append(f"| {task} | {n_test[task]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_per_task(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Grouped horizontal bars: per task, exact match by method (seeded: mean over seeds). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    table = [t for t in aggregate(rows) if t["kind"] != "best"]
+    tasks = sorted({r["task"] for r in rows}, reverse=True)
+    height = 0.8 / max(1, len(table))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(tasks) * max(1, len(table)) ** 0.5))
+    for j, t in enumerate(table):
+        ys = [i + (j - (len(table) - 1) / 2) * height for i in range(len(tasks))]
+        ax.barh(ys, [t["per_task"].get(task, 0.0) for task in tasks], height=height,
+                label=t["method"] + (" (avg over seeds)" if t["kind"] else ""))
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_xlabel("exact match (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title("BBH per task")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict]) -> str:
+    """Write summary.md and per_task.png under ``out``; return the summary text."""
+    from .runner import PLOT, SUMMARY
+
+    if not rows:
+        text = "no results yet\n"
+    else:
+        text = summary_markdown(rows, protocol, specs)
+        if not plot_per_task(rows, out / PLOT):
+            text += "\n(per_task.png not written: matplotlib is missing; pip install 'lorahub[plots]')\n"
+    atomic_write_text(out / SUMMARY, text)
+    return text

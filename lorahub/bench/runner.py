@@ -1,0 +1,352 @@
+"""A BBH run: a list of independent jobs (task, method, seed), run in process or on Ray, resumable.
+
+``OUT/``::
+
+    config.json      the protocol (data sha, split, shots, limit, base model, dtype) and each method's spec
+    results.jsonl    one line per finished job, appended (one write + fsync) as each job ends
+    summary.md       Table-1-style summary, per-task table, speed      (rewritten at the end of each run)
+    per_task.png     per-task exact match by method
+
+A rerun with the same OUT skips every job already in results.jsonl. A rerun whose protocol differs, or
+that gives a method already in OUT other settings (budget, hub, adapter), is refused: results of two
+configurations are never mixed. A crash can at worst leave a partial last line, which is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .._io import atomic_write_json, sha256_file
+from ..errors import LorahubError, LorahubValueError
+from . import bbh
+from .methods import ADAPTER_PREFIX, DEFAULT_METHODS, Method, Worker, adapter_method, get_method
+
+Job = tuple[str, str, "int | None"]  # (task, method, seed); seed None for methods that do not use one
+RESULTS, CONFIG, SUMMARY, PLOT = "results.jsonl", "config.json", "summary.md", "per_task.png"
+DEFAULT_SEEDS = [1, 2, 3, 4, 5]  # LoraHub's reproduce_bbh.py
+
+
+@dataclass
+class BBHConfig:
+    """Options of ``lorahub bbh``.
+
+    Args:
+        out: results folder (resumable; a different configuration is refused).
+        tasks: BBH tasks to run (None: all 27 in the data folder).
+        methods: method names (see :mod:`lorahub.bench.methods`); ``adapters`` add ``adapter:NAME`` rows.
+        seeds: seeds of the seeded methods (LoraHub: 1..5); seedless methods run once.
+        limit: test examples per task (None: all but the learning examples).
+        base_model: HF id or path (None: the hub's base model).
+        hub: hub name or manifest path (None: the default hub); or module folders (a list).
+        budget: candidate evaluations of lorahub-default (lorahub-reference keeps LoraHub's 40).
+        device: torch device (None: cuda if available).
+        data_dir: BBH data folder (None: benchmarks/bbh/data).
+        adapters: PEFT adapter folders evaluated as methods ``adapter:<folder name>``.
+        shots, split_seed: learning examples per task and the seed that draws them.
+        batch_size: prompts per generation batch.
+        threads: torch CPU threads per process (None: torch's default).
+        ray, ray_address, ray_actors: run the jobs on Ray actors (each loads the model and hub once).
+        progress: progress bars (per job and overall).
+    """
+
+    out: str = field(metadata={"help": "results folder; a rerun with the same folder skips finished jobs"})
+    tasks: list[str] | None = field(default=None, metadata={"help": "comma-separated BBH tasks (default: all 27)"})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
+                               metadata={"help": "comma-separated methods"})
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS),
+                             metadata={"help": "comma-separated seeds of the seeded methods (lorahub-*)"})
+    limit: int | None = field(default=None, metadata={"help": "test examples per task, for quick runs"})
+    base_model: str | None = field(default=None, metadata={"help": "HF id or local path (default: the hub's base)"})
+    hub: Any = field(default=None, metadata={"help": "module hub name or manifest path (default: the default hub)"})
+    budget: int = field(default=40, metadata={"help": "candidate evaluations of lorahub-default"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    data_dir: str | None = field(default=None, metadata={"help": "BBH data folder (default: benchmarks/bbh/data)"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "PEFT adapter folder to evaluate as a method"})
+    shots: int = field(default=bbh.SHOTS, metadata={"help": "learning examples per task"})
+    split_seed: int = field(default=bbh.SPLIT_SEED, metadata={"help": "seed that draws the learning examples"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (and per Ray actor)"})
+    ray: bool = field(default=False, metadata={"help": "run the jobs on Ray actors"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local cluster)"})
+    ray_actors: int | None = field(default=None, metadata={"help": "Ray actors (default: one per GPU, else per CPU)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "shots", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LorahubValueError(f"`{name}` should be a positive integer, but the value passed is {getattr(self, name)!r}")
+        for name in ("limit", "threads", "ray_actors"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise LorahubValueError(f"`{name}` should be a positive integer, but the value passed is {v!r}")
+        if not self.methods and not self.adapters:
+            raise LorahubValueError("no methods given; choose some with --methods or --adapter")
+        if not self.seeds:
+            raise LorahubValueError("no seeds given; --seeds needs at least one integer")
+        for m in self.methods:
+            get_method(m)  # an unknown name lists the available ones
+        if self.ray_address and not self.ray:
+            self.ray = True
+
+
+# -- configuration and resumability -------------------------------------------------------------
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def hub_fingerprint(store: Any) -> dict[str, Any]:
+    """Name, size and a sha256 over (module, weights sha256): a hub that changed is another configuration."""
+    from ..store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
+
+    lines = []
+    for name in store.names:
+        sha = store.specs[name].sha256
+        if not sha:
+            folder = store.local_path(name)
+            f = folder / SAFETENSORS_WEIGHTS
+            sha = sha256_file(f if f.is_file() else folder / LEGACY_WEIGHTS)
+        lines.append(f"{name}:{sha}")
+    return {"name": store.name or "module folders", "modules": len(lines),
+            "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]}
+
+
+def check_config(out: Path, protocol: dict[str, Any], specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Write ``out/config.json``, or check it: the same protocol, and the same spec for methods it knows.
+
+    Returns the specs of every method in ``out`` (this run's and earlier runs').
+    """
+    path = out / CONFIG
+    known: dict[str, Any] = {}
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("protocol") != protocol:
+            diff = [f"{k}: {saved['protocol'].get(k)!r} -> {protocol.get(k)!r}"
+                    for k in sorted(set(protocol) | set(saved.get("protocol", {})))
+                    if saved.get("protocol", {}).get(k) != protocol.get(k)]
+            raise LorahubValueError(
+                f"{path} was written by a different configuration ({'; '.join(diff)}); its results would be mixed "
+                "with these. Choose another --out, or delete that folder to start again."
+            )
+        known = saved.get("methods", {})
+        for name, spec in specs.items():
+            if name in known and known[name] != spec:
+                diff = [f"{k}: {known[name].get(k)!r} -> {spec.get(k)!r}" for k in sorted(set(spec) | set(known[name]))
+                        if known[name].get(k) != spec.get(k)]
+                raise LorahubValueError(
+                    f"{path}: method {name!r} already has results with other settings ({'; '.join(diff)}). "
+                    "Choose another --out, or delete that folder to start again."
+                )
+    merged = {**known, **specs}
+    atomic_write_json(path, {"fingerprint": _hash(protocol), "protocol": protocol, "methods": merged})
+    return merged
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The finished jobs; a partial last line (a crash during the write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    rows, good = [], 0
+    for lineno, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            break  # the partial tail of an interrupted write (every line is written with its newline): dropped
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise LorahubValueError(f"{path}: line {lineno} is not valid JSON; fix or delete the file") from None
+        good += len(line)
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one line with a single write, flushed to disk before the next job starts."""
+    line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def job_key(row: dict[str, Any]) -> Job:
+    return (row["task"], row["method"], row["seed"])
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything a run resolved before starting: tasks, methods, jobs, protocol and device."""
+
+    tasks: dict[str, bbh.TaskSplit]
+    methods: dict[str, Method]
+    jobs: list[Job]
+    protocol: dict[str, Any]
+    base_model: str
+    device: str
+
+
+def resolve_methods(cfg: BBHConfig, hub_store: Callable[[], Any]) -> dict[str, Method]:
+    """The run's methods with their final specs (budget of lorahub-default, hub fingerprint, adapter sha)."""
+    methods: dict[str, Method] = {}
+    for name in cfg.methods:
+        m = get_method(name)
+        spec = dict(m.spec)
+        if name == "lorahub-default":
+            spec["budget"] = cfg.budget
+        if m.uses_hub:
+            spec["hub"] = hub_fingerprint(hub_store())
+        methods[name] = replace(m, spec=spec)
+    for folder in cfg.adapters:
+        m = adapter_method(folder)
+        if m.name in methods:
+            raise LorahubValueError(f"two adapters are both named {m.name!r}; rename one folder")
+        methods[m.name] = m
+    return methods
+
+
+def plan(cfg: BBHConfig, device: str) -> Plan:
+    import torch
+
+    from ..api import resolve_store
+    from ..models import DEFAULT_BASE_MODEL, default_dtype
+
+    store: list[Any] = []
+
+    def hub_store() -> Any:
+        if not store:
+            store.append(resolve_store(cfg.hub))
+        return store[0]
+
+    methods = resolve_methods(cfg, hub_store)
+    base = cfg.base_model or (hub_store().base_model if any(m.uses_hub for m in methods.values()) or cfg.hub else None)
+    base = base or DEFAULT_BASE_MODEL
+    names = cfg.tasks or bbh.task_names(cfg.data_dir)
+    tasks = {t: bbh.load_task(t, cfg.data_dir, shots=cfg.shots, seed=cfg.split_seed, limit=cfg.limit) for t in names}
+    jobs = [(t, name, seed) for t in names for name, m in methods.items() for seed in (cfg.seeds if m.seeded else [None])]
+    protocol = {
+        "benchmark": "bbh", "protocol_version": bbh.PROTOCOL_VERSION, "data_sha256": bbh.data_fingerprint(cfg.data_dir),
+        "shots": cfg.shots, "split_seed": cfg.split_seed, "limit": cfg.limit, "base_model": base,
+        "dtype": str(default_dtype(torch.device(device))).replace("torch.", ""),
+    }
+    return Plan(tasks, methods, jobs, protocol, base, device)
+
+
+def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or resume) the configured jobs into ``cfg.out``; write summary.md and per_task.png; return all rows."""
+    from . import report
+
+    out = Path(cfg.out)
+    ray_ctx = _RayCluster(cfg) if cfg.ray else None
+    try:
+        device = cfg.device or (ray_ctx.device if ray_ctx else _local_device())
+        p = plan(cfg, device)
+        out.mkdir(parents=True, exist_ok=True)
+        specs = {name: {**m.spec, "seeded": m.seeded} for name, m in p.methods.items()}
+        all_specs = check_config(out, p.protocol, specs)
+        fingerprint = _hash(p.protocol)
+        done = {job_key(r) for r in read_results(out / RESULTS)}
+        todo = [j for j in p.jobs if j not in done]
+        log(f"bbh: {len(p.tasks)} tasks x {len(p.methods)} methods = {len(p.jobs)} jobs; "
+            f"{len(p.jobs) - len(todo)} already in {out / RESULTS}, {len(todo)} to run "
+            f"({'ray' if ray_ctx else 'in process'}, device {device}, base {p.base_model})")
+
+        def save(row: dict[str, Any]) -> None:
+            row = {**row, "config": fingerprint, "spec": _hash(specs[row["method"]])}
+            append_result(out / RESULTS, row)
+
+        if todo:
+            worker_args = dict(base_model=p.base_model, hub=cfg.hub, device=device, threads=cfg.threads,
+                               batch_size=cfg.batch_size)
+            if ray_ctx:
+                ray_ctx.run(todo, p, worker_args, save, progress=cfg.progress)
+            else:
+                _run_in_process(todo, p, worker_args, save, progress=cfg.progress)
+    finally:
+        if ray_ctx:
+            ray_ctx.close()
+    rows = read_results(out / RESULTS)
+    text = report.write_report(out, rows, p.protocol, all_specs)
+    log(text)
+    return rows
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_in_process(todo: list[Job], p: Plan, worker_args: dict, save: Callable[[dict], None], *, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    worker = Worker(**worker_args, progress=progress)
+    bar = tqdm(total=len(todo), desc="bbh jobs", unit="job", disable=not progress)
+    try:
+        for job in todo:
+            bar.set_postfix_str(f"{job[0]} / {job[1]}" + ("" if job[2] is None else f" / seed {job[2]}"))
+            save(worker.run(job, p.tasks[job[0]], p.methods[job[1]]))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+class _RayCluster:
+    """A Ray cluster (``--ray-address``, or a local one started here and stopped at the end) and its actors."""
+
+    def __init__(self, cfg: BBHConfig):
+        try:
+            import ray
+        except ImportError:
+            raise LorahubError("--ray needs Ray: pip install 'lorahub[ray]'") from None
+        self.ray, self.cfg = ray, cfg
+        self.started = False
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="WARNING")
+            self.started = True
+        res = ray.cluster_resources()
+        self.gpus, self.cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+        self.device = "cuda" if self.gpus else "cpu"
+        self.actors: list[Any] = []
+
+    def run(self, todo: list[Job], p: Plan, worker_args: dict, save: Callable[[dict], None], *, progress: bool) -> None:
+        from ray.util import ActorPool
+        from tqdm.auto import tqdm
+
+        cpus = self.cfg.threads or 1
+        n = self.cfg.ray_actors or (self.gpus if self.gpus else max(1, self.cpus // cpus))
+        n = min(n, len(todo))
+        Actor = self.ray.remote(num_cpus=cpus, num_gpus=1 if self.gpus else 0)(Worker)
+        self.actors = [Actor.remote(**worker_args) for _ in range(n)]  # each loads model and hub once, then many jobs
+        tasks_ref = self.ray.put(p.tasks)
+        bar = tqdm(total=len(todo), desc=f"bbh jobs ({n} ray actors)", unit="job", disable=not progress)
+        try:
+            pool = ActorPool(self.actors)
+            for row in pool.map_unordered(lambda a, job: a.run_with.remote(job, tasks_ref, p.methods[job[1]]), todo):
+                save(row)
+                bar.set_postfix_str(f"{row['task']} / {row['method']}")
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()

@@ -1,0 +1,165 @@
+"""BBH harness: the protocol (split, prompts, normalisation), the vendored data, resumable runs, Ray = in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorahub.bench import bbh
+from lorahub.bench.methods import get_method
+from lorahub.bench.runner import BBHConfig, read_results, run_bbh
+from lorahub.cli import main
+from lorahub.errors import LorahubValueError
+from lorahub.metrics import exact_match
+
+VENDORED = Path(__file__).resolve().parents[1] / "benchmarks" / "bbh" / "data"
+
+
+# -- protocol -------------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_and_golden():
+    learn, test = bbh.split_indices(250, 5, 42)
+    assert learn == [163, 28, 6, 189, 70]  # random.Random(42).sample(range(250), 5): pinned
+    assert sorted(learn + test) == list(range(250)) and test == sorted(test)
+    assert bbh.split_indices(250, 5, 42) == (learn, test)
+    assert bbh.split_indices(250, 5, 43)[0] != learn
+    with pytest.raises(LorahubValueError, match="shots"):
+        bbh.split_indices(5, 5, 42)
+
+
+def test_vendored_task_prompts_and_limit():
+    task = bbh.load_task("boolean_expressions")
+    assert task.learn_indices == (163, 28, 6, 189, 70) and len(task.test) == 245 and task.num_examples == 250
+    assert task.test[0].input == "not ( True ) and ( True ) is" and task.test[0].output == "False"
+    desc = "Evaluate the result of a random Boolean expression."
+    assert task.description == desc
+    assert task.test_prompts[0] == f"{desc}\n\nQ: not ( True ) and ( True ) is\nA:"
+    assert task.learning_examples()[0] == {"input": f"{desc}\n\nQ: not not True and True and not True is\nA:",
+                                          "output": "False"}
+    icl = task.icl_prompt("True is")
+    blocks = icl.split("\n\n")
+    assert blocks[0] == desc and blocks[-1] == "Q: True is\nA:" and len(blocks) == 7
+    assert blocks[1] == "Q: not not True and True and not True is\nA: False"
+    short = bbh.load_task("boolean_expressions", limit=10)
+    assert short.test == task.test[:10] and short.learn == task.learn
+    with pytest.raises(LorahubValueError, match="unknown BBH task 'nope'.*boolean_expressions"):
+        bbh.load_task("nope")
+
+
+def test_exact_match_normalisation():
+    assert exact_match(["True.", " false ", "(A)", "Yes"], ["true", "False", "(a)", "no"]) == 75.0
+    assert exact_match(["valid"], ["invalid"]) == 0.0
+
+
+def test_vendored_data_is_complete_with_licence():
+    names = bbh.task_names()
+    assert len(names) == 27
+    assert (VENDORED / "LICENSE.BIG-Bench-Hard").read_text().startswith("MIT")
+    counts = dict(line.split("\t")[:2] for line in (VENDORED / "counts.tsv").read_text().splitlines()[1:])
+    for t in names:
+        assert len(json.loads((VENDORED / f"{t}.json").read_text())["examples"]) == int(counts[t])
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(LorahubValueError, match="unknown method 'lorahub'.*zero-shot.*lorahub-default"):
+        get_method("lorahub")
+
+
+# -- runs on a tiny model and hub -------------------------------------------------------------------
+
+
+@pytest.fixture()
+def tiny_bbh(tmp_path) -> Path:
+    """Two small BBH-format tasks (12 examples each)."""
+    d = tmp_path / "bbh"
+    d.mkdir()
+    words = ["True", "False"]
+    for k, name in enumerate(["alpha", "beta"]):
+        ex = [{"input": f"not {words[(i + k) % 2]} and {words[i % 2]} is", "target": words[(i * 7 + k) % 2]} for i in range(12)]
+        (d / f"{name}.json").write_text(json.dumps({"canary": "x", "examples": ex}))
+    (d / "task_prefixes.json").write_text(json.dumps({"alpha": "Evaluate it.", "beta": "Evaluate it again."}))
+    return d
+
+
+def _argv(out, data, base, modules, *extra):
+    return ["bbh", "--out", str(out), "--data-dir", str(data), "--base-model", str(base), "--modules",
+            *map(str, modules), "--limit", "3", "--no-progress", *extra]
+
+
+def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path, capsys, monkeypatch):
+    import lorahub.models
+
+    loads = []
+    load_base = lorahub.models.load_base
+    monkeypatch.setattr(lorahub.models, "load_base", lambda *a, **k: loads.append(a) or load_base(*a, **k))
+    out = tmp_path / "run"
+    argv = _argv(out, tiny_bbh, tiny_llama_dir, llama_modules, "--seeds", "1,2", "--budget", "8",
+                 "--adapter", str(llama_modules[0]))
+    assert main(argv) == 0
+    assert len(loads) == 1  # the base model loads once per process, not per task, method or seed
+    rows = read_results(out / "results.jsonl")
+    # 2 tasks x (zero-shot, icl, best-single, adapter + 2 seeds x 2 lorahub methods)
+    assert len(rows) == 2 * (4 + 2 * 2)
+    keys = {(r["task"], r["method"], r["seed"]) for r in rows}
+    assert ("alpha", "zero-shot", None) in keys and ("beta", "lorahub-reference", 2) in keys
+    assert ("alpha", "adapter:mod0", None) in keys
+    by = {(r["task"], r["method"], r["seed"]): r for r in rows}
+    ref, default, best = by[("alpha", "lorahub-reference", 1)], by[("alpha", "lorahub-default", 1)], by[("alpha", "best-single", None)]
+    assert ref["optimizer"] != default["optimizer"] and ref["evals"] == 40 and default["evals"] == 8
+    assert len(ref["weights"]) == 4 and best["evals"] == 4 and list(best["weights"].values()) == [1.0]
+    for r in rows:
+        assert r["n_test"] == 3 and len(r["predictions"]) == 3 and r["n_learn"] == 5 and 0 <= r["em"] <= 100
+        assert r["tokens_per_example"] > 0 and r["eval_seconds"] > 0 and r["config"]
+    assert by[("alpha", "icl", None)]["tokens_per_example"] > 3 * by[("alpha", "zero-shot", None)]["tokens_per_example"]
+    summary = (out / "summary.md").read_text()
+    assert "| Zero-shot |" in summary and "| avg |" in summary and "| best |" in summary and "FLAN-T5-large" in summary
+    assert "eval examples/s" in summary and "compose evals/s" in summary and "| alpha | 3 |" in summary
+    assert (out / "per_task.png").stat().st_size > 1000
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"]["limit"] == 3 and config["methods"]["lorahub-default"]["budget"] == 8
+
+    # rerun: nothing to do; a partial last line (crash mid-write) is dropped; a lost line is rerun
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:-1]) + lines[-1][:40])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "1 to run" in capsys.readouterr().out
+    again = read_results(out / "results.jsonl")
+    assert len(again) == len(rows) and again[:-1] == rows[:-1]
+    assert main(argv) == 0 and "0 to run" in capsys.readouterr().out
+
+    # more seeds: only the new jobs run
+    assert main(argv[:-6] + ["--seeds", "1,2,3", "--budget", "8"]) == 0
+    assert "4 to run" in capsys.readouterr().out
+
+    # a changed configuration is refused, nothing written
+    before = (out / "results.jsonl").read_bytes()
+    assert main(_argv(out, tiny_bbh, tiny_llama_dir, llama_modules, "--limit", "4", "--methods", "zero-shot")) == 2
+    assert "different configuration (limit: 3 -> 4)" in capsys.readouterr().err
+    assert main(_argv(out, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "lorahub-default", "--budget", "16")) == 2
+    assert "method 'lorahub-default' already has results with other settings (budget: 8 -> 16)" in capsys.readouterr().err
+    assert main(_argv(out, tiny_bbh, tiny_llama_dir, llama_modules[:3], "--methods", "best-single")) == 2
+    assert "'best-single' already has results with other settings (hub:" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_ray_results_equal_in_process(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path):
+    pytest.importorskip("ray", reason="the Ray path needs the test extra (pip install -e '.[test]')")
+    common = dict(tasks=None, methods=["zero-shot", "best-single", "lorahub-default"], seeds=[1, 2], limit=3,
+                  base_model=str(tiny_llama_dir), hub=[str(m) for m in llama_modules], budget=8,
+                  data_dir=str(tiny_bbh), device="cpu", threads=1, progress=False)
+    local = run_bbh(BBHConfig(out=str(tmp_path / "local"), **common), log=lambda s: None)
+    remote = run_bbh(BBHConfig(out=str(tmp_path / "ray"), ray=True, ray_actors=1, **common), log=lambda s: None)
+    key = lambda r: (r["task"], r["method"], str(r["seed"]))  # noqa: E731
+    assert len(local) == len(remote) == 2 * (2 + 2)
+    for a, b in zip(sorted(local, key=key), sorted(remote, key=key)):
+        assert key(a) == key(b)
+        assert a["predictions"] == b["predictions"] and a["em"] == b["em"] and a["evals"] == b["evals"]
+        assert a.get("weights", {}).keys() == b.get("weights", {}).keys()
+        for n, w in a.get("weights", {}).items():
+            assert b["weights"][n] == pytest.approx(w, rel=1e-4, abs=1e-6)
+    assert json.loads((tmp_path / "ray" / "config.json").read_text())["fingerprint"] == \
+        json.loads((tmp_path / "local" / "config.json").read_text())["fingerprint"]
