@@ -14,7 +14,8 @@ zero-shot           no      the base model on ``"{description}\\n\\nQ: {input}\\
 icl                 no      the 5 learning examples as Q/A blocks in the prompt
 best-single         no      the hub module with the lowest few-shot loss (all modules scored in one pass)
 lorahub-reference   yes     LoraHub as published: 20 random modules, budget 40, ``optimizer="ngopt"``
-lorahub-default     yes     lorahub's defaults: 20 random modules, CMA-ES, batched evaluation, budget 40
+lorahub-default     yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
+                            beyond the budget), then CMA-ES with batched evaluation, budget 40 (``--budget``)
 adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base
 ==================  ======  ================================================================================
 """
@@ -224,11 +225,13 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     t0 = time.perf_counter()
     comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
                    num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
-                   optimizer=spec["optimizer"], l1=spec.get("l1", 0.05), seed=seed, progress=worker.progress)
+                   optimizer=spec["optimizer"], l1=spec.get("l1", 0.05), probe_singles=spec.get("probe_singles"),
+                   seed=seed, progress=worker.progress)
     r = comp.record
     return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
                     {"weights": comp.weights, "loss": comp.loss, "zero_weight_loss": r["zero_weight_loss"],
-                     "optimizer": r["optimizer"], "population": r["population"], "search_seconds": r["seconds"]})
+                     "optimizer": r["optimizer"], "population": r["population"], "probe_singles": r.get("probe_singles"),
+                     "search_seconds": r["seconds"]})
 
 
 def _adapter(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
@@ -259,9 +262,11 @@ register(Method("zero-shot", _zero_shot, label="Zero-shot"))
 register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
 register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
-                spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05},
+                spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
+                      "probe_singles": False},
                 label="LoraHub-reference (ngopt, as published)"))
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
-                spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05},
+                spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05,
+                      "probe_singles": True},
                 label="lorahub-default (CMA-ES, batched)"))
 DEFAULT_METHODS = ["zero-shot", "icl", "best-single", "lorahub-reference", "lorahub-default"]

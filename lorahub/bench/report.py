@@ -140,16 +140,17 @@ def plot_per_task(rows: list[dict[str, Any]], path: Path) -> bool:
     table = [t for t in aggregate(rows) if t["kind"] != "best"]
     tasks = sorted({r["task"] for r in rows}, reverse=True)
     height = 0.8 / max(1, len(table))
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(tasks) * max(1, len(table)) ** 0.5))
-    for j, t in enumerate(table):
-        ys = [i + (j - (len(table) - 1) / 2) * height for i in range(len(tasks))]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.25 * len(tasks) * max(1, len(table)) ** 0.5))
+    for j, t in enumerate(table):  # the first method on top within each task
+        ys = [i + ((len(table) - 1) / 2 - j) * height for i in range(len(tasks))]
         ax.barh(ys, [t["per_task"].get(task, 0.0) for task in tasks], height=height,
                 label=t["method"] + (" (avg over seeds)" if t["kind"] else ""))
     ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_ylim(-0.6, len(tasks) - 0.4)
     ax.set_xlabel("exact match (%)")
     ax.set_xlim(0, 100)
     ax.set_title("BBH per task")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 if len(tasks) > 8 else -0.25), ncol=3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)

@@ -17,16 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .._io import atomic_write_json, sha256_file
 from ..errors import LorahubError, LorahubValueError
 from . import bbh
-from .methods import ADAPTER_PREFIX, DEFAULT_METHODS, Method, Worker, adapter_method, get_method
+from .methods import DEFAULT_METHODS, Method, Worker, adapter_method, get_method
 
 Job = tuple[str, str, "int | None"]  # (task, method, seed); seed None for methods that do not use one
 RESULTS, CONFIG, SUMMARY, PLOT = "results.jsonl", "config.json", "summary.md", "per_task.png"
@@ -199,6 +197,7 @@ class Plan:
     protocol: dict[str, Any]
     base_model: str
     device: str
+    store: Any = None  # the hub as fingerprinted, handed to the workers (a hub being built may grow meanwhile)
 
 
 def resolve_methods(cfg: BBHConfig, hub_store: Callable[[], Any]) -> dict[str, Method]:
@@ -236,7 +235,7 @@ def plan(cfg: BBHConfig, device: str) -> Plan:
     methods = resolve_methods(cfg, hub_store)
     base = cfg.base_model or (hub_store().base_model if any(m.uses_hub for m in methods.values()) or cfg.hub else None)
     base = base or DEFAULT_BASE_MODEL
-    names = cfg.tasks or bbh.task_names(cfg.data_dir)
+    names = list(dict.fromkeys(cfg.tasks)) if cfg.tasks else bbh.task_names(cfg.data_dir)
     tasks = {t: bbh.load_task(t, cfg.data_dir, shots=cfg.shots, seed=cfg.split_seed, limit=cfg.limit) for t in names}
     jobs = [(t, name, seed) for t in names for name, m in methods.items() for seed in (cfg.seeds if m.seeded else [None])]
     protocol = {
@@ -244,7 +243,7 @@ def plan(cfg: BBHConfig, device: str) -> Plan:
         "shots": cfg.shots, "split_seed": cfg.split_seed, "limit": cfg.limit, "base_model": base,
         "dtype": str(default_dtype(torch.device(device))).replace("torch.", ""),
     }
-    return Plan(tasks, methods, jobs, protocol, base, device)
+    return Plan(tasks, methods, jobs, protocol, base, device, store[0] if store else None)
 
 
 def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -271,7 +270,7 @@ def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[
             append_result(out / RESULTS, row)
 
         if todo:
-            worker_args = dict(base_model=p.base_model, hub=cfg.hub, device=device, threads=cfg.threads,
+            worker_args = dict(base_model=p.base_model, hub=p.store or cfg.hub, device=device, threads=cfg.threads,
                                batch_size=cfg.batch_size)
             if ray_ctx:
                 ray_ctx.run(todo, p, worker_args, save, progress=cfg.progress)
