@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=45)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--no-probe-singles", action="store_true", help="search from w=0 without scoring single modules first")
     ap.add_argument("--true-weights", default="0.9,0.6,-0.5",
                     help="weights of the first k candidate modules (0.9,0.6,-0.5) or by name (name=0.8,other=0.4)")
     ap.add_argument("--json", default=None)
@@ -62,7 +63,8 @@ def main() -> None:
     train, held = pairs[:5], pairs[5:]
 
     t0 = time.perf_counter()
-    comp = compose(train, store, (model, tok), num_candidates=20, budget=args.budget, seed=args.seed, progress=True)
+    comp = compose(train, store, (model, tok), num_candidates=20, budget=args.budget, seed=args.seed, progress=True,
+                   probe_singles=not args.no_probe_singles)
     seconds = time.perf_counter() - t0
     comp.record["max_new_tokens"] = 8
     with PopulationEvaluator(model, tok, comp.stacked, as_examples(train)) as ev:
