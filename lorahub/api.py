@@ -121,6 +121,7 @@ def compose(
     device: str | torch.device | None = None,
     progress: bool = True,
     probe_singles: bool | None = None,
+    start: str = "zero",
     max_rows: int = 256,
     out_dir: str | Path | None = None,
     command: str | None = None,
@@ -141,6 +142,8 @@ def compose(
         probe_singles: score the N single modules (one-hot weights) in one batched pass before the
             search and tell them to the optimizer, so the result is never worse than the best single
             module (N evaluations beyond ``budget``). Default: on, except for the reference ``"ngopt"``.
+        start: where the search's mean starts: ``"zero"`` (LoraHub) or ``"best-probe"`` (the best single
+            module, when ``probe_singles``).
         out_dir: if given, ``best_weights.json`` is written there at each new best.
     """
     examples: list[Example] = as_examples(task_examples)
@@ -174,7 +177,7 @@ def compose(
                 probe_singles = optimizer != "ngopt"
             result = search(lambda w: ev.score(w).numpy(), len(names), budget=budget, population=population,
                             optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=step,
-                            probes=np.eye(len(names)) if probe_singles else None)
+                            probes=np.eye(len(names)) if probe_singles else None, start=start)
     finally:
         if bar is not None:
             bar.close()
@@ -186,7 +189,7 @@ def compose(
     record = {
         "base_model": base_name, "modules": names, "weights": weights, "loss": result.loss,
         "objective": result.objective, "zero_weight_loss": zero_loss, "optimizer": result.optimizer,
-        "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles),
+        "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles), "start": start,
         "population": result.population,
         "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
         "num_examples": len(examples), "max_new_tokens": max_target + 4, "seconds": round(seconds, 3),

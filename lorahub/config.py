@@ -29,6 +29,7 @@ class ComposeConfig:
         seed: seeds the choice of modules and the optimizer.
         probe_singles: score the N single modules in one batch first, so the result is never worse than
             the best of them (default: on, except for the reference optimizer "ngopt").
+        start: where the search starts: "zero" (LoraHub) or "best-probe" (the best single module).
         device: "cpu", "cuda", ...; default: cuda if available.
         merged: also write the base model with the adapter merged in (``merged/``).
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
@@ -51,6 +52,7 @@ class ComposeConfig:
     seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
     probe_singles: bool | None = field(default=None, metadata={
         "help": "score each single module before the search (N extra evaluations; default: on except for ngopt)"})
+    start: str = field(default="zero", metadata={"help": "search start: zero (LoraHub) or best-probe (best single module)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
     max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})
@@ -68,6 +70,8 @@ class ComposeConfig:
             raise LorahubValueError(f"unknown optimizer {self.optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
         if not self.lower < 0 < self.upper:
             raise LorahubValueError(f"bounds must contain the start w=0: lower ({self.lower}) < 0 < upper ({self.upper})")
+        if self.start not in ("zero", "best-probe"):
+            raise LorahubValueError(f"unknown start {self.start!r}. Available: zero, best-probe")
         if self.hub and self.modules:
             raise LorahubValueError("give either `hub` or `modules`, not both")
 

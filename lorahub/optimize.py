@@ -65,6 +65,7 @@ def search(
     bounds: tuple[float, float] = (-1.5, 1.5),
     seed: int = 42,
     probes: np.ndarray | None = None,
+    start: str = "zero",
     on_step: Callable[[int, SearchResult], None] | None = None,
 ) -> SearchResult:
     """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N, starting at w = 0, within ``budget`` evaluations.
@@ -77,6 +78,7 @@ def search(
 
     ``probes`` (K, N): points scored in one batch before the search and told to the optimizer as
     not-asked candidates (outside ``budget``; marked ``"probe"`` in the history), e.g. the single modules.
+    ``start``: ``"zero"`` (LoraHub: the search's mean starts at w = 0) or ``"best-probe"`` (at the best probe).
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
     if optimizer not in OPTIMIZERS:
@@ -91,30 +93,41 @@ def search(
         raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
     if budget < population:
         raise LorahubValueError(f"budget ({budget}) is smaller than the population ({population}); raise the budget or lower the population")
-    param = ng.p.Array(init=np.zeros(num_modules), lower=lo, upper=hi)
-    param.random_state = np.random.RandomState(seed)
-    opt = OPTIMIZERS[optimizer](param, budget, population)
-    name = opt.optim.name if hasattr(opt, "optim") else opt.name  # NGOpt delegates: record what ran
-    best = SearchResult(np.zeros(num_modules), math.inf, math.inf, f"{optimizer}:{name}", population)
+    best = SearchResult(np.zeros(num_modules), math.inf, math.inf, optimizer, population)
 
-    def run(cands: list, probe: bool) -> None:
-        values = np.stack([c.value for c in cands])
+    def evaluate(values: np.ndarray, probe: bool) -> list[float]:
+        """Score (k, N) weightings in one call; record them; return objectives (+inf if not finite)."""
         losses = np.asarray(score(values), dtype=np.float64)
         penalties = l1_penalty(torch.from_numpy(values), l1).numpy()
-        for c, v, loss, pen in zip(cands, values, losses, penalties):
+        objectives = []
+        for v, loss, pen in zip(values, losses, penalties):
             objective = float(loss + pen) if math.isfinite(loss) else math.inf
-            opt.tell(c, objective if math.isfinite(objective) else 1e30)
             if objective < best.objective:
                 best.weights, best.objective, best.loss = v.copy(), objective, float(loss)
             entry = {"evaluation": len(best.history) + 1, "loss": float(loss), "objective": objective, "best": best.objective}
             best.history.append({**entry, "probe": True} if probe else entry)
+            objectives.append(objective)
+        return objectives
 
-    if probes is not None and len(probes):
-        run([opt.parametrization.spawn_child(new_value=np.clip(p, lo, hi)) for p in np.asarray(probes, float)], True)
+    probe_values = np.clip(np.asarray(probes, float), lo, hi) if probes is not None and len(probes) else None
+    probe_objectives = evaluate(probe_values, True) if probe_values is not None else []
+    init = np.zeros(num_modules)
+    if start == "best-probe" and probe_objectives and min(probe_objectives) < math.inf:
+        init = probe_values[int(np.argmin(probe_objectives))]
+    elif start not in ("zero", "best-probe"):
+        raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
+    param = ng.p.Array(init=init, lower=lo, upper=hi)
+    param.random_state = np.random.RandomState(seed)
+    opt = OPTIMIZERS[optimizer](param, budget, population)
+    best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
+    for v, objective in zip(probe_values if probe_values is not None else [], probe_objectives):
+        opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
     done = 0
     while done < budget:
         k = min(population, budget - done)
-        run([opt.ask() for _ in range(k)], False)
+        cands = [opt.ask() for _ in range(k)]
+        for c, objective in zip(cands, evaluate(np.stack([c.value for c in cands]), False)):
+            opt.tell(c, objective if math.isfinite(objective) else 1e30)
         done += k
         if on_step is not None:
             on_step(done, best)

@@ -83,3 +83,20 @@ def test_nan_candidates_score_inf_and_search_goes_on():
     r = search(score, 2, budget=32, population=8, l1=0.0)
     assert math.isfinite(r.objective) and r.weights[0] <= 0
     assert any(math.isinf(h["objective"]) for h in r.history) and len(r.history) == 32
+
+
+def test_probes_and_start_at_best_probe():
+    target = np.array([0.0, 1.0, 0.0, 0.2])
+    seen = []
+
+    def score(W):
+        seen.append(W.copy())
+        return ((W - target) ** 2).sum(axis=1)
+
+    r = search(score, 4, budget=8, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
+    assert np.array_equal(seen[0], np.eye(4)) and [h.get("probe", False) for h in r.history][:4] == [True] * 4
+    first_generation = seen[1]
+    assert np.linalg.norm(first_generation.mean(axis=0) - np.eye(4)[1]) < 0.6  # centred on the best probe, not on 0
+    assert r.objective <= 0.04 + 1e-12  # never worse than the best probe (e_2 scores 0.04)
+    with pytest.raises(LorahubValueError, match="unknown start 'middle'"):
+        search(score, 4, budget=8, population=8, probes=np.eye(4), start="middle")
