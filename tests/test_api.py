@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorahub.api import compose
+from lorahub import compose  # the documented entry point
 from lorahub.data import as_examples, encode
 from lorahub.evaluate import PopulationEvaluator
 from lorahub.errors import LorahubValueError
