@@ -309,7 +309,9 @@ class ModuleStore:
         spec = self._spec(name)
         if not spec.location.startswith(HUB_PREFIX):
             return Path(spec.location)
-        return _download(spec.location[len(HUB_PREFIX):], name)
+        repo = spec.location[len(HUB_PREFIX):]
+        hint = f" (no local folder {repo!r} exists either)" if not Path(repo).exists() else ""
+        return _download(repo, repr(name) + hint)
 
     def load(self, name: str) -> LoraModule:
         if name not in self._loaded:
@@ -368,6 +370,6 @@ def resolve_manifest(manifest: str | os.PathLike) -> Path:
     raise LorahubFileError(f"unknown hub {str(manifest)!r}: no such manifest file, and no {manifest}.json in hub_index. Available: {', '.join(names) or '(none)'}")
 
 
-def _download(repo_id: str, name: str) -> Path:
+def _download(repo_id: str, what: str) -> Path:
     """Fetch a module's adapter files through huggingface_hub (cached; fails fast offline)."""
-    return hub_snapshot(repo_id, [ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS], f"module {name!r}")
+    return hub_snapshot(repo_id, [ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS], f"module {what}")
