@@ -6,7 +6,8 @@
 
 Both implementations run on the same model, adapter weights and batches (random token ids), after one
 untimed warm-up step each; timings alternate shared/naive per repeat. Training = forward + LM loss +
-load-balance loss + backward; inference = forward under no_grad. tokens/s = batch·seq_len / seconds.
+load-balance loss + backward (by default the loss and the LM head only on the last 8 tokens of each row,
+as ``lorahub train`` computes them on answer tokens; ``--answer-tokens 0``: every position); inference = forward under no_grad. tokens/s = batch·seq_len / seconds.
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ def load_model(args):
     return model, model.config.name_or_path
 
 
-def step(model, ids, train: bool) -> float:
+def step(model, ids, train: bool, answer_tokens: int = 0) -> float:
     t0 = time.perf_counter()
-    if train:
+    if train and answer_tokens:  # as lorahub's trainer: the LM head only where an answer token is predicted
+        hidden = getattr(model, model.base_model_prefix)(input_ids=ids).last_hidden_state  # (B, T, H)
+        logits = model.get_output_embeddings()(hidden[:, -answer_tokens - 1:-1])  # (B, a, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, -answer_tokens:].flatten()) + mixlora_aux_loss(model)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    elif train:
         logits = model(input_ids=ids).logits  # (B, T, V)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()) + mixlora_aux_loss(model)
         loss.backward()
@@ -60,6 +67,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed repeats per setting (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--answer-tokens", type=int, default=8,
+                   help="training loss on the last N tokens of each row, LM head only there, as `lorahub train` "
+                        "does (answer-only loss); 0: LM loss and full-vocabulary head on every position")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, what = load_model(args)
@@ -77,13 +87,14 @@ def main() -> None:
     for mode in ("train", "infer"):
         for impl in ("shared", "naive"):  # warm-up
             set_impl(model, impl)
-            step(model, ids, mode == "train")
+            step(model, ids, mode == "train", args.answer_tokens)
         for _ in range(args.steps):
             for impl in ("shared", "naive"):
                 set_impl(model, impl)
-                times.setdefault((mode, impl), []).append(step(model, ids, mode == "train"))
+                times.setdefault((mode, impl), []).append(step(model, ids, mode == "train", args.answer_tokens))
     print(f"model={what} N={cfg.num_experts} k={cfg.top_k} r={cfg.r} batch={args.batch_size}x{args.seq_len} "
-          f"threads={torch.get_num_threads()} steps={args.steps} (median)")
+          f"threads={torch.get_num_threads()} steps={args.steps} (median) train loss on "
+          + (f"the last {args.answer_tokens} tokens per row" if args.answer_tokens else "every token, full LM head"))
     for mode in ("train", "infer"):
         tps = {impl: ntok / statistics.median(times[(mode, impl)]) for impl in ("shared", "naive")}
         print(f"{mode:5s}  shared {tps['shared']:8.1f} tok/s   naive {tps['naive']:8.1f} tok/s   "

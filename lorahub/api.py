@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,14 @@ from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
 from .optimize import SearchResult, search
 from .store import ModuleStore, StackedModules
 
+if TYPE_CHECKING:
+    from .routed import RoutedComposition, RoutedConfig
+
 DEFAULT_HUB = "smollm2-135m-bigbench"
+COMPOSE_METHODS = {
+    "static": "LoraHub's composition: one weighting of the modules, searched without gradients, mergeable",
+    "routed": "per-layer top-k routers over the frozen modules, learnt by gradient on the examples (not mergeable)",
+}
 
 
 @dataclass
@@ -126,7 +133,9 @@ def compose(
     out_dir: str | Path | None = None,
     command: str | None = None,
     on_step: Callable[[int, SearchResult], None] | None = None,
-) -> Composition:
+    method: str = "static",
+    routed: RoutedConfig | None = None,
+) -> Composition | RoutedComposition:
     """Compose an adapter for a new task from a library of LoRA modules (LoraHub's COMPOSE + ADAPT).
 
     Args:
@@ -145,12 +154,27 @@ def compose(
         start: where the search's mean starts: ``"zero"`` (LoraHub) or ``"best-probe"`` (the best single
             module, when ``probe_singles``).
         out_dir: if given, ``best_weights.json`` is written there at each new best.
+        method: ``"static"`` (LoraHub: the search above) or ``"routed"``: the same candidates (same ``seed``)
+            as frozen experts under per-layer top-k routers learnt by gradient on the examples
+            (:mod:`lorahub.routed`); it returns a :class:`~lorahub.routed.RoutedComposition`, which predicts
+            and saves but cannot merge. The search options (budget ... start, out_dir, on_step) are unused.
+        routed: the routed path's settings (:class:`~lorahub.routed.RoutedConfig`; None: its defaults).
     """
+    if method not in COMPOSE_METHODS:
+        avail = "; ".join(f"{k!r}: {v}" for k, v in COMPOSE_METHODS.items())
+        raise LorahubValueError(f"unknown compose method {method!r}. Available: {avail}")
+    if routed is not None and method != "routed":
+        raise LorahubValueError(f"routed= settings were given with method={method!r}; pass method='routed' to use them")
     examples: list[Example] = as_examples(task_examples)
     store = resolve_store(modules)
     model, tokenizer, base_name = _base(base_model, store, device)
     names = store.select(num_candidates, seed)
     stacked = _stack(store, names, model, base_name)
+    if method == "routed":
+        from .routed import RoutedConfig, compose_routed
+
+        return compose_routed(examples, store, model, tokenizer, base_name, stacked, routed or RoutedConfig(),
+                              seed=seed, num_candidates=num_candidates, progress=progress, command=command)
 
     bar = None
     if progress:

@@ -65,19 +65,31 @@ def cmd_compose(args: argparse.Namespace) -> int:
         else:
             print(line)
 
+    routed = cfg.method == "routed"
+    search = {} if routed else dict(out_dir=cfg.out, on_step=on_step)
     result = compose(
         [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,
         base_model=cfg.base_model, num_candidates=cfg.num_candidates, budget=cfg.budget, population=cfg.population,
         optimizer=cfg.optimizer, l1=cfg.l1, bounds=(cfg.lower, cfg.upper), seed=cfg.seed, device=cfg.device,
         probe_singles=cfg.probe_singles, start=cfg.start,
-        progress=cfg.progress, max_rows=cfg.max_rows, out_dir=cfg.out, command=command, on_step=on_step,
+        progress=cfg.progress, max_rows=cfg.max_rows, command=command,
+        method=cfg.method, routed=cfg.routed_config() if routed else None, **search,
     )
     r = result.record
-    print(f"base model {r['base_model']}  optimizer {r['optimizer']}  {r['evaluations']} evaluations in {r['seconds']:.1f} s")
-    print(f"few-shot loss: w=0 {r['zero_weight_loss']:.4f} -> composed {result.loss:.4f}")
-    print("weights:")
-    for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
-        print(f"  {w:+.4f}  {name}")
+    if routed:
+        print(f"base model {r['base_model']}  routed: {r['num_router_params']} router parameters over "
+              f"{len(r['modules'])} modules, top-{result.config.top_k}, {r['steps']} steps in {r['seconds']:.1f} s")
+        print(f"few-shot loss: base {r['zero_weight_loss']:.4f}  initial routers {r['initial_loss']:.4f} "
+              f"-> routed {result.loss:.4f}")
+        print("mean gate per module on the few-shot tokens:")
+        for name, g in sorted(r["module_usage"].items(), key=lambda kv: -kv[1]):
+            print(f"  {g:.4f}  {name}")
+    else:
+        print(f"base model {r['base_model']}  optimizer {r['optimizer']}  {r['evaluations']} evaluations in {r['seconds']:.1f} s")
+        print(f"few-shot loss: w=0 {r['zero_weight_loss']:.4f} -> composed {result.loss:.4f}")
+        print("weights:")
+        for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
+            print(f"  {w:+.4f}  {name}")
     if held_out is not None:
         inputs, refs = [e.input for e in held_out], [e.output for e in held_out]
         before = exact_match(_base_predictions(result, inputs), refs)
@@ -85,7 +97,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         r["held_out"] = {"file": cfg.eval_examples, "n": len(refs), "exact_match_base": before, "exact_match_composed": after}
         print(f"held-out exact match ({len(refs)} examples): base {before:.1f} -> composed {after:.1f}")
     out = result.save(cfg.out, merged=cfg.merged)
-    print(f"adapter written to {out}")
+    print(f"{'routed composition' if routed else 'adapter'} written to {out}")
     return 0
 
 
@@ -126,6 +138,18 @@ def cmd_modules_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .api import from_weights
+    from .mixlora import NOT_MERGEABLE, is_mixlora_folder
+
+    if is_mixlora_folder(args.adapter):
+        raise LorahubError(f"{args.adapter} {NOT_MERGEABLE}")
+    comp = from_weights({Path(args.adapter).name: 1.0}, [args.adapter], args.base_model, device=args.device)
+    out = comp.save(args.out, merged=True)
+    print(f"merged model written to {out / 'merged'} (adapter copy and record beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorahub", description="Gradient-free composition of LoRA modules (LoraHub).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--task", default=None, help="task the module was trained on")
     ma.set_defaults(func=cmd_modules_add)
 
-    for extra in ("hub_cli", "bbh_cli"):
+    mg = sub.add_parser("merge", help="merge a PEFT LoRA adapter folder into its base model (zero inference cost)",
+                        description="Write OUT/merged/: the base model with the adapter's B·A·scaling added to its weights. "
+                                    "MixLoRA folders are refused: their routing is input-dependent.")
+    mg.add_argument("adapter", help="PEFT LoRA adapter folder (e.g. written by lorahub compose)")
+    mg.add_argument("--out", required=True, help="output folder (adapter copy, lorahub.json, merged/)")
+    mg.add_argument("--base-model", default=None, help="HF id or path (default: the adapter's base_model_name_or_path)")
+    mg.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    mg.set_defaults(func=cmd_merge)
+
+    for extra in ("hub_cli", "bbh_cli", "train_cli"):
         try:
             mod = __import__(f"lorahub.{extra}", fromlist=["register"])
         except ModuleNotFoundError as e:

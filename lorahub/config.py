@@ -34,6 +34,10 @@ class ComposeConfig:
         merged: also write the base model with the adapter merged in (``merged/``).
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
         progress: show progress bars.
+        method: "static" (LoraHub: one searched weighting, mergeable) or "routed" (per-layer top-k routers
+            over the frozen candidates, learnt by gradient; not mergeable; the search options are unused).
+        routed_top_k / routed_steps / routed_lr / router_aux_loss_coef: the routed method's experts per token,
+            AdamW steps, learning rate and load-balance coefficient (:class:`lorahub.routed.RoutedConfig`).
     """
 
     examples: str = field(default=MISSING, metadata={"help": "JSONL file of few-shot examples (input/output per line)"})
@@ -57,6 +61,12 @@ class ComposeConfig:
     merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
     max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    method: str = field(default="static", metadata={
+        "help": "static (LoraHub: one searched weighting, mergeable) or routed (learnt per-token top-k routers)"})
+    routed_top_k: int = field(default=2, metadata={"help": "routed: candidate modules per token"})
+    routed_steps: int = field(default=40, metadata={"help": "routed: AdamW steps on the examples"})
+    routed_lr: float = field(default=2e-3, metadata={"help": "routed: router learning rate"})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "routed: load-balance loss coefficient"})
 
     def __post_init__(self) -> None:
         for name in ("num_candidates", "budget", "max_rows"):
@@ -74,6 +84,22 @@ class ComposeConfig:
             raise LorahubValueError(f"unknown start {self.start!r}. Available: zero, best-probe")
         if self.hub and self.modules:
             raise LorahubValueError("give either `hub` or `modules`, not both")
+        if self.method not in ("static", "routed"):
+            raise LorahubValueError(f"unknown method {self.method!r}. Available: static, routed")
+        if self.method == "routed":
+            if self.merged:
+                raise LorahubValueError(
+                    "`merged` cannot be used with method routed: its routing is input-dependent (per token), so it "
+                    "does not merge into the weights; drop --merged, or use --method static for a mergeable adapter"
+                )
+            self.routed_config()  # checks top_k, steps, lr, coefficient
+
+    def routed_config(self) -> Any:
+        """The :class:`lorahub.routed.RoutedConfig` of the routed_* options."""
+        from .routed import RoutedConfig
+
+        return RoutedConfig(top_k=self.routed_top_k, steps=self.routed_steps, lr=self.routed_lr,
+                            router_aux_loss_coef=self.router_aux_loss_coef)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> "ComposeConfig":

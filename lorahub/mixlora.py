@@ -36,11 +36,12 @@ Folder format (:func:`save_mixlora`, written atomically): ``mixlora_config.json`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +169,7 @@ class MixLoraFFN(nn.Module):
 
     def _lora(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
         a, b = getattr(self, f"lora_A_{which}")[e], getattr(self, f"lora_B_{which}")[e]
-        return (self.dropout(x).to(a.dtype) @ a.T) @ b.T * self.scaling  # (S_e, in) -> (S_e, r) -> (S_e, out)
+        return ((self.dropout(x).to(a.dtype) @ a.T) * self.scaling) @ b.T  # (S_e, in) -> (S_e, r) -> (S_e, out)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (S, H) -> probs (S, N), topk indices (S, k), gate weights (S, k)."""
@@ -198,7 +199,7 @@ class MixLoraFFN(nn.Module):
             u = m.up_proj(xe) + self._lora(xe, "up", e)  # (S_e, I)
             h = m.act_fn(g) * u  # (S_e, I)
             y = m.down_proj(h.to(x.dtype)) + self._lora(h, "down", e)  # (S_e, H)
-            out = out.index_add(0, tok, y * w[tok, slot, None])
+            out.index_add_(0, tok, y * w[tok, slot, None])
         return out.to(x.dtype)
 
     def _shared(self, x: torch.Tensor, top_i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -216,8 +217,8 @@ class MixLoraFFN(nn.Module):
             g = g_all[tok] + self._lora(xe, "gate", e)  # (S_e, I)
             u = u_all[tok] + self._lora(xe, "up", e)  # (S_e, I)
             h = m.act_fn(g) * u  # (S_e, I)
-            acc_h = acc_h.index_add(0, tok, h * we)
-            out = out.index_add(0, tok, self._lora(h, "down", e) * we)
+            acc_h.index_add_(0, tok, h * we)  # in place: index_add's backward does not need acc_h
+            out.index_add_(0, tok, self._lora(h, "down", e) * we)
         d = m.down_proj
         y = F.linear(acc_h.to(d.weight.dtype), d.weight)  # down(Σ w_e h_e), one pass  (S, H)
         if d.bias is not None:
@@ -434,3 +435,65 @@ def load_mixlora(base_model: nn.Module, folder: str | os.PathLike, *, expected: 
         for k in want:
             params[k].copy_(state[k].to(params[k].device, params[k].dtype))
     return config
+
+
+# -----------------------------------------------------------------------------
+# prediction
+
+
+def is_mixlora_folder(folder: str | os.PathLike) -> bool:
+    """True for a folder written by :func:`save_mixlora` (it has ``mixlora_config.json``)."""
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+NOT_MERGEABLE = (
+    "is a MixLoRA model: its router picks experts per token, so the update depends on the input and "
+    "cannot be folded into fixed weights (no static composition, no --merged export). Run it with "
+    "lorahub.mixlora.predict_mixlora or `lorahub bbh --adapter DIR`"
+)
+
+
+@contextlib.contextmanager
+def mixlora_attached(model: nn.Module, folder: str | os.PathLike, *, impl: str | None = None) -> Iterator[MixLoraConfig]:
+    """``with mixlora_attached(model, folder) as config:`` the saved MixLoRA model runs inside the block
+    (eval mode); afterwards ``model`` is the plain base again, in its previous train/eval mode."""
+    was_training = model.training
+    config = load_mixlora(model, folder, impl=impl)
+    model.eval()
+    try:
+        yield config
+    finally:
+        detach_mixlora(model)
+        model.train(was_training)
+
+
+def predict_mixlora(model: nn.Module, tokenizer: Any, folder: str | os.PathLike, inputs: list[str] | str, *,
+                    max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers (batched, left padding + attention mask, cut at the first newline) of a saved MixLoRA model.
+
+    The experts stay unmerged (routing is per token); the base model is left as it came.
+    """
+    from .generate import generate
+
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    with mixlora_attached(model, folder):
+        return generate(model, tokenizer, list(inputs), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        progress=progress)
+
+
+@dataclass
+class MixLoraPredictor:
+    """A saved MixLoRA model over a loaded base, with the ``predict`` surface of :class:`lorahub.api.Composition`."""
+
+    model: Any
+    tokenizer: Any
+    folder: str
+
+    def predict(self, inputs: list[str] | str, *, max_new_tokens: int = 32, batch_size: int = 16,
+                progress: bool = False) -> list[str]:
+        return predict_mixlora(self.model, self.tokenizer, self.folder, inputs, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=progress)
+
+    def merge(self) -> Any:
+        raise LorahubValueError(f"{self.folder} {NOT_MERGEABLE}")

@@ -115,6 +115,10 @@ def read_module(path: str | os.PathLike, name: str | None = None, sha256: str | 
     path = Path(path)
     name = name or path.name
     cfg_file = path / ADAPTER_CONFIG
+    if not cfg_file.is_file() and (path / "mixlora_config.json").is_file():
+        from .mixlora import NOT_MERGEABLE
+
+        raise LorahubValueError(f"module {name!r}: {path} {NOT_MERGEABLE}; the composer takes plain LoRA modules only")
     if not cfg_file.is_file():
         raise LorahubFileError(f"module {name!r}: {cfg_file} is missing (a PEFT LoRA folder needs {ADAPTER_CONFIG})")
     try:

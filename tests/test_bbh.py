@@ -165,3 +165,74 @@ def test_ray_results_equal_in_process(tiny_bbh, tiny_llama_dir, llama_modules, t
             assert b["weights"][n] == pytest.approx(w, rel=1e-4, abs=1e-6)
     assert json.loads((tmp_path / "ray" / "config.json").read_text())["fingerprint"] == \
         json.loads((tmp_path / "local" / "config.json").read_text())["fingerprint"]
+
+
+def _mixlora_folder(tiny_llama_dir, out: Path) -> Path:
+    """A MixLoRA model (random non-zero experts and routers) saved for the tiny Llama of ``tiny_llama_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorahub.mixlora import MixLoraConfig, attach_mixlora, save_mixlora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    cfg = MixLoraConfig(num_experts=4, top_k=2, r=4, dropout=0.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in attach_mixlora(model, cfg):
+            p.copy_(torch.randn_like(p) * 0.3)
+    return save_mixlora(model, cfg, out)
+
+
+def test_mixlora_adapter_row_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorahub.generate import generate
+    from lorahub.mixlora import load_mixlora, mixlora_layers, predict_mixlora
+
+    mix = _mixlora_folder(tiny_llama_dir, tmp_path / "mix")
+    out = tmp_path / "run"
+    assert main(_argv(out, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "zero-shot", "--adapter", str(mix))) == 0
+    rows = {(r["task"], r["method"]): r for r in read_results(out / "results.jsonl")}
+    row = rows[("alpha", "adapter:mix")]
+    assert row["kind"] == "mixlora" and len(row["predictions"]) == 3
+
+    # independent: the same prompts, one at a time, on a fresh base with the MixLoRA model attached by hand
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = list(bbh.load_task("alpha", tiny_bbh, limit=3).test_prompts)
+    with torch.no_grad():
+        base_before = model(torch.tensor([[5, 6, 7]])).logits
+        batched = predict_mixlora(model, tok, mix, prompts, max_new_tokens=row["max_new_tokens"], batch_size=3)
+        assert not mixlora_layers(model)  # the base comes back plain
+        assert torch.equal(model(torch.tensor([[5, 6, 7]])).logits, base_before)
+        load_mixlora(model, mix)
+        single = [generate(model, tok, [p], max_new_tokens=row["max_new_tokens"])[0] for p in prompts]
+    assert batched == single == row["predictions"]
+    assert row["predictions"] != rows[("alpha", "zero-shot")]["predictions"]  # the experts do change the answers
+
+    # the composer and the merged export refuse a MixLoRA folder, saying why
+    capsys.readouterr()
+    (tmp_path / "x.jsonl").write_text('{"input": "Q: 1?\\nA:", "output": "1"}\n')
+    assert main(["compose", "--examples", str(tmp_path / "x.jsonl"), "--base-model", str(tiny_llama_dir), "--modules", str(mix), "--out", str(tmp_path / "c")]) == 2
+    from lorahub.store import read_module
+
+    with pytest.raises(LorahubValueError, match=r"MixLoRA model.*per token.*cannot be folded"):
+        read_module(mix)
+    assert "MixLoRA model" in capsys.readouterr().err
+    assert main(["merge", str(mix), "--out", str(tmp_path / "merged")]) == 2
+    assert "MixLoRA model" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
+def test_merge_cli_writes_the_merged_model(tiny_llama_dir, llama_modules, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", str(llama_modules[0]), "--out", str(tmp_path / "m"), "--base-model", str(tiny_llama_dir),
+                 "--device", "cpu"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), llama_modules[0]).eval()
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-4, rtol=1e-4)

@@ -16,7 +16,10 @@ best-single         no      the hub module with the lowest few-shot loss (all mo
 lorahub-reference   yes     LoraHub as published: 20 random modules, budget 40, ``optimizer="ngopt"``
 lorahub-default     yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
                             beyond the budget), then CMA-ES with batched evaluation, budget 40 (``--budget``)
-adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base
+lorahub-routed      yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
+                            gradient on the learning examples (``compose(method="routed")``; not in the defaults)
+adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
+                            run with its routers
 ==================  ======  ================================================================================
 """
 
@@ -234,6 +237,24 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
                      "search_seconds": r["seconds"]})
 
 
+def _lorahub_routed(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    """Routed composition: the candidates lorahub-* draw for ``seed``, with top-k routers learnt on the examples."""
+    from ..api import compose
+    from ..routed import RoutedConfig
+
+    t0 = time.perf_counter()
+    cfg = RoutedConfig(top_k=spec["top_k"], steps=spec["steps"], lr=spec["lr"],
+                       router_aux_loss_coef=spec["router_aux_loss_coef"])
+    comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
+                   num_candidates=spec["num_candidates"], method="routed", routed=cfg, seed=seed,
+                   progress=worker.progress)
+    r = comp.record
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
+                    {"modules": r["modules"], "module_usage": r["module_usage"], "loss": comp.loss,
+                     "zero_weight_loss": r["zero_weight_loss"], "initial_loss": r["initial_loss"],
+                     "num_router_params": r["num_router_params"], "search_seconds": r["seconds"]})
+
+
 def _adapter(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
     from ..api import from_weights
 
@@ -243,11 +264,30 @@ def _adapter(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     return Prepared(task.test_prompts, comp, time.perf_counter() - t0, 0, {"adapter": spec["path"]})
 
 
+def _mixlora_adapter(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    from ..mixlora import MixLoraPredictor
+
+    model, tok = worker.model_and_tokenizer
+    return Prepared(task.test_prompts, MixLoraPredictor(model, tok, spec["path"]), 0.0, 0,
+                    {"adapter": spec["path"], "kind": "mixlora"})
+
+
 def adapter_method(path: str | os.PathLike) -> Method:
-    """``adapter:<folder name>``: a saved PEFT LoRA adapter (e.g. ``lorahub compose --out``) merged into the base."""
+    """``adapter:<folder name>``: a saved PEFT LoRA adapter (e.g. ``lorahub compose --out``) merged into the
+    base, or a MixLoRA folder (``lorahub train --method mixlora``) run with its routers (not mergeable)."""
+    from ..mixlora import WEIGHTS_FILE as MIXLORA_WEIGHTS
+    from ..mixlora import is_mixlora_folder, read_mixlora_config
     from ..store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
 
     folder = Path(path).resolve()
+    if is_mixlora_folder(folder):
+        read_mixlora_config(folder)  # a damaged config fails here, before any job runs
+        weights = folder / MIXLORA_WEIGHTS
+        if not weights.is_file():
+            raise LorahubValueError(f"--adapter {path}: MixLoRA folder without {MIXLORA_WEIGHTS}")
+        return Method(ADAPTER_PREFIX + folder.name, _mixlora_adapter,
+                      spec={"path": str(folder), "sha256": sha256_file(weights), "kind": "mixlora"},
+                      label=f"MixLoRA {folder.name}")
     weights = folder / SAFETENSORS_WEIGHTS
     if not weights.is_file():
         weights = folder / LEGACY_WEIGHTS
@@ -269,4 +309,7 @@ register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05,
                       "probe_singles": True},
                 label="lorahub-default (CMA-ES, batched)"))
+register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
+                spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
+                label="lorahub-routed (learnt top-2 routers)"))
 DEFAULT_METHODS = ["zero-shot", "icl", "best-single", "lorahub-reference", "lorahub-default"]

@@ -46,7 +46,7 @@ class BBHConfig:
         budget: candidate evaluations of lorahub-default (lorahub-reference keeps LoraHub's 40).
         device: torch device (None: cuda if available).
         data_dir: BBH data folder (None: benchmarks/bbh/data).
-        adapters: PEFT adapter folders evaluated as methods ``adapter:<folder name>``.
+        adapters: PEFT LoRA or MixLoRA folders evaluated as methods ``adapter:<folder name>``.
         shots, split_seed: learning examples per task and the seed that draws them.
         batch_size: prompts per generation batch.
         threads: torch CPU threads per process (None: torch's default).
@@ -66,7 +66,7 @@ class BBHConfig:
     budget: int = field(default=40, metadata={"help": "candidate evaluations of lorahub-default"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     data_dir: str | None = field(default=None, metadata={"help": "BBH data folder (default: benchmarks/bbh/data)"})
-    adapters: list[str] = field(default_factory=list, metadata={"help": "PEFT adapter folder to evaluate as a method"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA or MixLoRA folder to evaluate as a method"})
     shots: int = field(default=bbh.SHOTS, metadata={"help": "learning examples per task"})
     split_seed: int = field(default=bbh.SPLIT_SEED, metadata={"help": "seed that draws the learning examples"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
