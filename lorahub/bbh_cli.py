@@ -92,16 +92,10 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import LorahubError
+    """``python -m lorahub.<this module> ...`` is ``lorahub ...`` (same parser, same error handling)."""
+    from .cli import main as lorahub_main
 
-    parser = argparse.ArgumentParser(prog="lorahub")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LorahubError as e:
-        print(f"lorahub: error: {e}", file=sys.stderr)
-        return 2
+    return lorahub_main(argv)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     r = result.record
     if routed:
         print(f"base model {r['base_model']}  routed: {r['num_router_params']} router parameters over "
-              f"{len(r['modules'])} modules, top-{result.config.top_k}, {r['steps']} steps in {r['seconds']:.1f} s")
+              f"{len(r['modules'])} modules{' + the zero expert' if result.config.null_expert else ''}, top-{result.config.top_k}, {r['steps']} steps in {r['seconds']:.1f} s")
         print(f"few-shot loss: base {r['zero_weight_loss']:.4f}  initial routers {r['initial_loss']:.4f} "
               f"-> routed {result.loss:.4f}")
         print("mean gate per module on the few-shot tokens:")
@@ -142,8 +142,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .api import from_weights
     from .mixlora import NOT_MERGEABLE, is_mixlora_folder
 
+    from .routed import CONFIG_FILE as ROUTED_CONFIG
+
     if is_mixlora_folder(args.adapter):
         raise LorahubError(f"{args.adapter} {NOT_MERGEABLE}")
+    if (Path(args.adapter) / ROUTED_CONFIG).is_file():
+        raise LorahubError(f"{args.adapter} is a routed composition: its routers weight the modules per token, so "
+                           "the update depends on the input and cannot be merged; compose with --method static "
+                           "for a mergeable adapter")
     comp = from_weights({Path(args.adapter).name: 1.0}, [args.adapter], args.base_model, device=args.device)
     out = comp.save(args.out, merged=True)
     print(f"merged model written to {out / 'merged'} (adapter copy and record beside it)")

@@ -76,6 +76,9 @@ class RoutedConfig:
         router_init_std: Router weights start from N(0, std²); 0 starts from uniform probabilities.
         max_length: Token limit of one example (longer prompts are cut from the left).
         seed: Seed of the router initialisation (None: the ``seed`` given to ``compose``).
+        null_expert: Add a zero expert (ΔW = 0) to the router's choices. Renormalised top-k gates sum to 1,
+            so without it every token gets a full-strength mix of modules and the composition cannot
+            stay close to the base model; with it, top-2 picking (module, null) scales one module down.
     """
 
     top_k: int = field(default=2, metadata={"help": "experts per token (renormalised top-k; k=1: Switch routing)"})
@@ -87,6 +90,9 @@ class RoutedConfig:
     router_init_std: float = field(default=0.02, metadata={"help": "router weight ~ N(0, std^2); 0: uniform start"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example; longer prompts are cut from the left"})
     seed: int | None = field(default=None, metadata={"help": "seed of the router initialisation (None: compose's seed)"})
+    null_expert: bool = field(default=True, metadata={
+        "help": "add a zero expert the router can pick: a token may then take a module at less than full strength, "
+                "or none (without it the gates of the chosen modules always sum to 1)"})
 
     def __post_init__(self) -> None:
         for name in ("top_k", "steps", "max_length"):
@@ -101,6 +107,13 @@ class RoutedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def num_experts(self, num_modules: int) -> int:
+        """Router outputs: the modules, plus the zero expert when ``null_expert``."""
+        return num_modules + int(self.null_expert)
+
+
+NULL_EXPERT = "(none)"  # the zero expert's name in usage tables
 
 
 # -----------------------------------------------------------------------------
@@ -167,10 +180,11 @@ class RoutingHooks:
     """
 
     def __init__(self, model: nn.Module, stacked: StackedModules, routers: Mapping[str, torch.Tensor],
-                 groups: Mapping[str, Sequence[str]], top_k: int, *, record: bool = False):
+                 groups: Mapping[str, Sequence[str]], top_k: int, *, record: bool = False, null_expert: bool = False):
         p = next(model.parameters())
         self.model, self.routers, self.top_k, self.record = model, routers, top_k, record
-        self.num_experts = len(stacked)
+        self.num_modules = len(stacked)
+        self.num_experts = len(stacked) + int(null_expert)  # the zero expert, if any, is the last gate
         self._router_of = {layer: name for name, layers in groups.items() for layer in layers}
         self._a = {l: a.to(p.device, p.dtype).flatten(0, 1) for l, a in stacked.A.items()}  # [N·r, in]
         self._b = {l: (b * stacked.scaling).to(p.device, p.dtype).transpose(1, 2).flatten(0, 1)  # [N·r, out]
@@ -211,7 +225,8 @@ class RoutingHooks:
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
-            return out + routed_delta(x, a_cat, b_cat, self._gates(name, x)).to(out.dtype)
+            gates = self._gates(name, x)[..., : self.num_modules]  # the zero expert adds nothing
+            return out + routed_delta(x, a_cat, b_cat, gates).to(out.dtype)
 
         return hook
 
@@ -266,17 +281,18 @@ def train_routers(model: nn.Module, tokenizer: Any, stacked: StackedModules, exa
     """Learn the routers on ``examples`` (full batch, AdamW); base model and modules stay frozen."""
     from .train import block_losses
 
-    if config.top_k > len(stacked):
+    n_experts = config.num_experts(len(stacked))
+    if config.top_k > n_experts:
         raise LorahubValueError(
-            f"`top_k`={config.top_k} is larger than the {len(stacked)} candidate module(s); "
-            "lower top_k or give more modules (num_candidates)"
+            f"`top_k`={config.top_k} is larger than the {n_experts} experts ({len(stacked)} candidate module(s)"
+            f"{' + the zero expert' if config.null_expert else ''}); lower top_k or give more modules (num_candidates)"
         )
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
     batch = encode(tokenizer, examples, seq2seq=seq2seq, max_length=config.max_length).to(device)
     masks = (batch.attention_mask, batch.decoder_attention_mask)
     groups = router_groups(model, stacked)
-    routers = init_routers(model, groups, len(stacked), config.router_init_std, seed)
+    routers = init_routers(model, groups, n_experts, config.router_init_std, seed)
     for w in routers.values():
         w.requires_grad_(True)
     opt = torch.optim.AdamW(list(routers.values()), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
@@ -291,7 +307,8 @@ def train_routers(model: nn.Module, tokenizer: Any, stacked: StackedModules, exa
 
         bar = tqdm(total=config.steps, desc="routed compose", unit="step")
     try:
-        with RoutingHooks(model, stacked, routers, groups, config.top_k, record=True) as hooks:
+        with RoutingHooks(model, stacked, routers, groups, config.top_k, record=True,
+                          null_expert=config.null_expert) as hooks:
             for step in range(config.steps + 1):  # the last pass only measures the final routers
                 last = step == config.steps
                 hooks.reset()
@@ -355,7 +372,8 @@ class RoutedComposition:
 
     def routing(self, *, record: bool = False) -> RoutingHooks:
         """The routing hooks, to run the model by hand: ``with comp.routing(): comp.model(...)``."""
-        return RoutingHooks(self.model, self.stacked, self.routers, self.groups, self.config.top_k, record=record)
+        return RoutingHooks(self.model, self.stacked, self.routers, self.groups, self.config.top_k, record=record,
+                            null_expert=self.config.null_expert)
 
     def predict(self, inputs: Sequence[str] | str, *, max_new_tokens: int | None = None, batch_size: int = 16,
                 progress: bool = False) -> list[str]:
@@ -409,7 +427,8 @@ class RoutedComposition:
 def _card(comp: RoutedComposition) -> str:
     r = comp.record
     usage = r.get("module_usage") or {}
-    rows = "\n".join(f"| {n} | {usage.get(n, float('nan')):.3f} |" for n in comp.stacked.names)
+    names = list(comp.stacked.names) + ([NULL_EXPERT] if comp.config.null_expert else [])
+    rows = "\n".join(f"| {n} | {usage.get(n, float('nan')):.3f} |" for n in names)
     return f"""---
 base_model: {r.get('base_model')}
 tags:
@@ -466,7 +485,8 @@ def compose_routed(examples: Sequence[Example], store: ModuleStore, model: Any, 
         "initial_loss": run.initial_loss, "seconds": round(run.seconds, 3), "steps": config.steps,
         "evaluations": len(run.history), "num_router_params": sum(w.numel() for w in run.routers.values()),
         "routers": {n: {"shape": list(run.routers[n].shape), "layers": groups[n]} for n in run.routers},
-        "module_usage": dict(zip(stacked.names, run.usage)), "routed_config": config.to_dict(),
+        "module_usage": dict(zip(list(stacked.names) + [NULL_EXPERT] * config.null_expert, run.usage)),
+        "routed_config": config.to_dict(),
         "seed": seed, "router_seed": router_seed, "num_candidates": num_candidates, "num_examples": len(examples),
         "max_new_tokens": max_target + 4, "history": run.history, "command": command, "versions": versions(),
     }
@@ -538,7 +558,7 @@ def load_routed(folder: str | os.PathLike, modules: Any = None, base_model: Any 
     if set(state) != set(groups):
         problems.append(f"routers {sorted(set(state) ^ set(groups))[:4]} do not match the model's adapted layers")
     for n in set(state) & set(groups):
-        want = (len(stacked), dict(model.named_modules())[groups[n][0]].in_features)
+        want = (meta["config"].num_experts(len(stacked)), dict(model.named_modules())[groups[n][0]].in_features)
         if tuple(state[n].shape) != want:
             problems.append(f"router {n!r} has shape {list(state[n].shape)}, expected {list(want)}")
     if problems:

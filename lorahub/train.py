@@ -144,7 +144,7 @@ class MultiLoraLinear(nn.Module):
         shape = x.shape  # (N, T, in) with N = n * b
         if shape[0] % n:
             raise LorahubValueError(f"batch of {shape[0]} rows does not split into {n} equal adapter blocks")
-        h = self.dropout(x).reshape(n, -1, shape[-1])  # (n, b*T, in)
+        h = self.dropout(x).to(self.lora_A.dtype).reshape(n, -1, shape[-1])  # (n, b*T, in); fp32 adapters on a bf16 base
         h = torch.bmm(h, self.lora_A.transpose(1, 2))  # (n, b*T, r)
         if self.lora_M is not None:
             h = torch.bmm(h, self.lora_M.transpose(1, 2))  # (n, b*T, r)

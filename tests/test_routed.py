@@ -51,21 +51,22 @@ def test_router_groups_share_qv(tiny_llama, small_modules, tiny_llama_dir):
                       [f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.self_attn.v_proj"] for i in range(2)}
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_hook_delta_equals_per_token_computation(tiny_llama, small_modules, tiny_llama_dir, top_k):
-    """(a) The hooks' delta on every adapted layer equals a by-hand loop over tokens."""
+@pytest.mark.parametrize("top_k,null", [(1, False), (2, False), (2, True)])
+def test_hook_delta_equals_per_token_computation(tiny_llama, small_modules, tiny_llama_dir, top_k, null):
+    """(a) The hooks' delta on every adapted layer equals a by-hand loop over tokens (the zero expert, the
+    last router output when ``null``, takes part in the top-k and the renormalisation but adds nothing)."""
     model, tok = tiny_llama
     stacked = _stacked(model, small_modules, str(tiny_llama_dir))
     groups = router_groups(model, stacked)
     g = torch.Generator().manual_seed(0)
-    routers = {n: torch.randn(len(stacked), 64, generator=g) for n in groups}
+    routers = {n: torch.randn(len(stacked) + null, 64, generator=g) for n in groups}
     batch = encode(tok, as_examples(EXAMPLES), seq2seq=False)
     named = dict(model.named_modules())
     seen: dict[str, list] = {l: [] for l in stacked.layers}
     pre = [named[l].register_forward_hook(lambda m, i, o, l=l: seen[l].append((i[0].detach(), o.detach())))
            for l in stacked.layers]  # before the routing hooks: input and base output
     try:
-        with RoutingHooks(model, stacked, routers, groups, top_k):
+        with RoutingHooks(model, stacked, routers, groups, top_k, null_expert=null):
             post = [named[l].register_forward_hook(lambda m, i, o, l=l: seen[l].append(o.detach()))
                     for l in stacked.layers]  # after them: the routed output
             _logits(model, batch)
@@ -85,9 +86,11 @@ def test_hook_delta_equals_per_token_computation(tiny_llama, small_modules, tiny
                 chosen.add(tuple(sorted(top)))
                 w = {e: p[e] / sum(p[j] for j in top) if top_k > 1 else p[e] for e in top}
                 want[b, t] = sum(w[e] * stacked.scaling * (stacked.B[layer][e].double() @ (stacked.A[layer][e].double() @ xt))
-                                 for e in top).float()
+                                 for e in top if e < len(stacked)).float()
         torch.testing.assert_close(routed - base, want, rtol=1e-5, atol=1e-5)
     assert len(chosen) > 1  # routing really differs between tokens
+    if null:
+        assert any(len(stacked) in c for c in chosen)  # the zero expert was picked for some tokens
 
 
 def test_uniform_gates_equal_merged_mean_of_modules(tiny_llama, small_modules, tiny_llama_dir):
@@ -138,8 +141,8 @@ def test_training_lowers_loss_and_touches_only_routers(trained, tiny_llama, llam
     h = comp.history
     assert len(h) == 12 + 1 and comp.record["evaluations"] == 13
     assert comp.loss < h[0]["loss"] - 0.1 and comp.loss == min(r["loss"] for r in h if r["objective"] == comp.objective)
-    assert comp.record["method"] == "routed" and comp.record["num_router_params"] == 2 * 4 * 64
-    assert set(comp.record["module_usage"]) == set(comp.stacked.names)
+    assert comp.record["method"] == "routed" and comp.record["num_router_params"] == 2 * (4 + 1) * 64  # + zero expert
+    assert set(comp.record["module_usage"]) == set(comp.stacked.names) | {"(none)"}
     assert sum(comp.record["module_usage"].values()) == pytest.approx(1.0, abs=1e-5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, base_state[k]), k
@@ -172,7 +175,7 @@ def test_save_and_load_give_identical_outputs(trained, tiny_llama, llama_modules
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["method"] == "routed" and meta["config"]["top_k"] == 2
     assert [m["name"] for m in meta["modules"]] == comp.stacked.names and all(len(m["sha256"]) == 64 for m in meta["modules"])
-    assert meta["routers"]["model.layers.0.self_attn.router[q_proj+v_proj]"]["shape"] == [4, 64]
+    assert meta["routers"]["model.layers.0.self_attn.router[q_proj+v_proj]"]["shape"] == [4 + 1, 64]  # 4 modules + the zero expert
     assert len(meta["record"]["history"]) == 13
 
     loaded = load_routed(out, base_model=(model, tok))  # modules from the recorded folders
@@ -199,6 +202,11 @@ def test_merge_is_refused(trained, tmp_path):
     with pytest.raises(LorahubValueError, match="input-dependent.*method='static'"):
         comp.save(tmp_path / "m", merged=True)
     assert not (tmp_path / "m").exists()
+    comp.save(tmp_path / "r")  # a saved routed folder given to `lorahub merge` is refused too
+    from lorahub.cli import main
+
+    assert main(["merge", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
 
 
 def test_unknown_method_and_bad_settings(tiny_llama, llama_modules):
@@ -208,9 +216,12 @@ def test_unknown_method_and_bad_settings(tiny_llama, llama_modules):
         compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), method="bogus")
     with pytest.raises(LorahubValueError, match="pass method='routed'"):
         compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), routed=RoutedConfig())
-    with pytest.raises(LorahubValueError, match="`top_k`=3 is larger than the 2 candidate"):
+    with pytest.raises(LorahubValueError, match=r"`top_k`=4 is larger than the 3 experts \(2 candidate module\(s\) \+ the zero"):
         compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), num_candidates=2, method="routed",
-                routed=RoutedConfig(top_k=3), progress=False)
+                routed=RoutedConfig(top_k=4), progress=False)
+    with pytest.raises(LorahubValueError, match=r"`top_k`=3 is larger than the 2 experts \(2 candidate module\(s\)\)"):
+        compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), num_candidates=2, method="routed",
+                routed=RoutedConfig(top_k=3, null_expert=False), progress=False)
     with pytest.raises(LorahubValueError, match="`steps` should be a positive integer"):
         RoutedConfig(steps=0)
 
@@ -248,7 +259,7 @@ def test_cli_routed_compose_and_merged_refusal(tmp_path, llama_modules, tiny_lla
     assert "input-dependent" in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert main(base + ["--out", str(tmp_path / "r"), "--eval-examples", str(ex)]) == 0
     text = capsys.readouterr().out
-    assert "512 router parameters over 4 modules, top-2, 3 steps" in text and "held-out exact match (5 examples)" in text
+    assert "640 router parameters over 4 modules + the zero expert, top-2, 3 steps" in text and "held-out exact match (5 examples)" in text
     meta = json.loads((tmp_path / "r" / CONFIG_FILE).read_text())
     assert meta["record"]["command"].startswith("lorahub compose --examples") and "held_out" in meta["record"]
     assert main(["compose", "--examples", str(ex), "--out", str(tmp_path / "b"), "--method", "bogus"]) == 2
@@ -272,5 +283,5 @@ def test_bbh_lorahub_routed_method(tmp_path, llama_modules, tiny_llama_dir):
                  *map(str, llama_modules), "--limit", "3", "--no-progress", "--methods", "lorahub-routed",
                  "--seeds", "1"]) == 0
     row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
-    assert row["method"] == "lorahub-routed" and row["n_test"] == 3 and row["num_router_params"] == 512
+    assert row["method"] == "lorahub-routed" and row["n_test"] == 3 and row["num_router_params"] == 640  # 2 routers x (4 modules + zero expert) x 64
     assert row["evals"] == 41 and row["loss"] <= row["initial_loss"]
