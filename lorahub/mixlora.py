@@ -302,8 +302,7 @@ def attach_mixlora(model: nn.Module, config: MixLoraConfig) -> list[nn.Parameter
     for path, mlp in mlps:
         check_llama_ffn(mlp, path)
     for path, mlp in mlps:
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, MixLoraFFN(mlp, config, path))
+        model.set_submodule(path, MixLoraFFN(mlp, config, path))
     if config.attn_targets:
         tcfg = TrainConfig(rank=config.r, alpha=config.alpha, dropout=config.dropout,
                            target_modules=list(config.attn_targets), seed=int(torch.randint(0, 2**31, ()).item()))
@@ -320,8 +319,7 @@ def detach_mixlora(model: nn.Module) -> None:
     """Put the original FFN and attention layers back; ``model`` is the plain base model again."""
     wrapped = [(p, m) for p, m in model.named_modules() if isinstance(m, (MixLoraFFN, MultiLoraLinear))]
     for path, m in wrapped:
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, m.base)
+        model.set_submodule(path, m.base)
 
 
 def _is_adapter_param(name: str) -> bool:

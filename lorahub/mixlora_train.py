@@ -278,11 +278,6 @@ class Attached:
         return {p: m for p, m in self.views[method].items() if isinstance(m, MixLoraFFN)}
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def attach_models(model: nn.Module, configs: Mapping[str, MixLoraConfig], seed: int) -> Attached:
     """Attach one MixLoRA model per config to ``model``; with M > 1, row block m runs model m.
 
@@ -302,14 +297,14 @@ def attach_models(model: nn.Module, configs: Mapping[str, MixLoraConfig], seed: 
         detach_mixlora(model)
     for path, base in originals.items():
         branches = [views[n].get(path, base) for n in configs]
-        _set(model, path, branches[0] if len(branches) == 1 else RowBlocks(branches))
+        model.set_submodule(path, branches[0] if len(branches) == 1 else RowBlocks(branches))
     return Attached(dict(configs), views, originals, params)
 
 
 def detach_models(model: nn.Module, attached: Attached) -> None:
     """Put the frozen layers back; ``model`` is the plain base model again."""
     for path, base in attached.originals.items():
-        _set(model, path, base)
+        model.set_submodule(path, base)
 
 
 @contextlib.contextmanager
@@ -318,11 +313,11 @@ def model_view(model: nn.Module, attached: Attached, method: str) -> Iterator[nn
     current = {p: model.get_submodule(p) for p in attached.originals}
     try:
         for path, base in attached.originals.items():
-            _set(model, path, attached.views[method].get(path, base))
+            model.set_submodule(path, attached.views[method].get(path, base))
         yield model
     finally:
         for path, mod in current.items():
-            _set(model, path, mod)
+            model.set_submodule(path, mod)
 
 
 # -----------------------------------------------------------------------------

@@ -187,8 +187,7 @@ def attach_adapters(model: nn.Module, names: Sequence[str], config: TrainConfig)
     layers: dict[str, MultiLoraLinear] = {}
     for path, mod in targets:
         layer = MultiLoraLinear(mod, len(names), config)
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+        model.set_submodule(path, layer)
         layers[path] = layer
     with torch.no_grad():
         for i, name in enumerate(names):
@@ -203,8 +202,7 @@ def attach_adapters(model: nn.Module, names: Sequence[str], config: TrainConfig)
 def detach_adapters(model: nn.Module, layers: Mapping[str, MultiLoraLinear]) -> None:
     """Put the original nn.Linear layers back; ``model`` is the plain base model again."""
     for path, layer in layers.items():
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer.base)
+        model.set_submodule(path, layer.base)
 
 
 @contextlib.contextmanager
