@@ -33,7 +33,11 @@ def _seeds(value: str) -> list[int]:
 
 
 def cmd_bbh(args: argparse.Namespace) -> int:
-    from .bench.runner import BBHConfig, run_bbh
+    from .bench.runner import BBHConfig, report_bbh, run_bbh
+
+    if args.report_only:
+        report_bbh(args.out)
+        return 0
 
     if args.threads:
         import torch
@@ -88,6 +92,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ray-address", default=None, help=_help("ray_address") + "; implies --ray")
     p.add_argument("--ray-actors", type=int, default=None, help=_help("ray_actors"))
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=_help("progress"))
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/summary.md and OUT/per_task.png from the results so far and run nothing "
+                   "(safe while a run is still writing to OUT)")
     p.set_defaults(func=cmd_bbh)
 
 

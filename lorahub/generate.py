@@ -60,6 +60,31 @@ def clean_prediction(text: str) -> str:
     return text.split("\n", 1)[0].strip() if text.strip() else ""
 
 
+def shared_prefix_length(rows: Sequence[Sequence[int]], *, min_length: int = 4) -> int:
+    """Tokens that every row starts with (each row keeps at least one of its own); 0 if fewer than ``min_length``."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= min_length else 0
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -69,33 +94,61 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     progress: bool = False,
+    share_prefix: bool = True,
 ) -> list[str]:
-    """Greedy answers for ``inputs`` (prompts as in training), cut at the first newline."""
+    """Greedy answers for ``inputs`` (prompts as in training), cut at the first newline.
+
+    Prompts are batched by length (little padding) and answers returned in input order. For a causal LM,
+    the tokens that all prompts start with (a task description, in-context examples) are run once and
+    their key/value cache is shared by every batch (``share_prefix``): each row is then
+    ``[shared prefix][left padding][own tokens]`` with the padding masked and positions counted past it,
+    which is what plain left padding computes, without recomputing the prefix for every prompt.
+    """
+    import copy
+
     from transformers import StoppingCriteriaList
 
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "right" if seq2seq else "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    iterator = range(0, len(inputs), batch_size)
+    prompts_all = [format_example(x, None, seq2seq=seq2seq)[0] for x in inputs]
+    token_rows = tokenizer(prompts_all, add_special_tokens=True).input_ids if prompts_all else []
+    order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
+    n_shared = shared_prefix_length(token_rows) if share_prefix and not seq2seq else 0
+    prefix_cache = None
+    if n_shared:
+        prefix = torch.tensor([token_rows[0][:n_shared]], dtype=torch.long, device=device)
+        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    out: list[str] = [""] * len(prompts_all)
+    iterator = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="generate", unit="batch")
-    try:
-        for start in iterator:
-            prompts = [format_example(x, None, seq2seq=seq2seq)[0] for x in inputs[start : start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-            if not seq2seq:
-                kwargs["stopping_criteria"] = StoppingCriteriaList(
-                    [_StopOnNewline(_newline_token_ids(tokenizer), enc.input_ids.shape[1], tokenizer.eos_token_id)]
-                )
-            gen = model.generate(**enc, **kwargs, num_beams=1, temperature=None, top_p=None, top_k=None)
-            new = gen if seq2seq else gen[:, enc.input_ids.shape[1] :]
-            out.extend(clean_prediction(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
+    for start in iterator:
+        idx = order[start : start + batch_size]
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        if seq2seq:
+            old_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+            try:
+                enc = tokenizer([prompts_all[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            finally:
+                tokenizer.padding_side = old_side
+            ids, mask = enc.input_ids, enc.attention_mask
+        else:
+            ids, mask = _left_padded([token_rows[i][n_shared:] for i in idx], pad_id, device)
+            if n_shared:
+                ids = torch.cat([prefix.expand(len(idx), -1), ids], dim=1)
+                mask = torch.cat([torch.ones((len(idx), n_shared), dtype=mask.dtype, device=device), mask], dim=1)
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(idx))
+                kwargs["past_key_values"] = cache
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_StopOnNewline(_newline_token_ids(tokenizer), ids.shape[1], tokenizer.eos_token_id)]
+            )
+        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs, num_beams=1, temperature=None,
+                             top_p=None, top_k=None)
+        new = gen if seq2seq else gen[:, ids.shape[1] :]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            out[i] = clean_prediction(text)
     return out

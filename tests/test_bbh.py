@@ -236,3 +236,32 @@ def test_merge_cli_writes_the_merged_model(tiny_llama_dir, llama_modules, tmp_pa
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_partial_run_report_compares_on_complete_tasks_only(tmp_path, capsys):
+    """--report-only on a run still in progress: rows average over the tasks every method finished; nothing
+    is run and the results file (its unfinished last line included) is left exactly as it is."""
+    out = tmp_path / "run"
+    out.mkdir()
+    protocol = {"benchmark": "bbh", "shots": 5, "split_seed": 42, "limit": None, "base_model": "m", "dtype": "float32"}
+    (out / "config.json").write_text(json.dumps({"protocol": protocol, "methods": {}}))
+    em = {("a", "zero-shot", None): 10.0, ("a", "lorahub-default", 1): 40.0, ("a", "lorahub-default", 2): 60.0,
+          ("b", "zero-shot", None): 30.0, ("b", "lorahub-default", 1): 70.0, ("b", "lorahub-default", 2): 90.0,
+          ("c", "zero-shot", None): 0.0, ("c", "lorahub-default", 1): 100.0}  # task c: seed 2 still running
+    rows = [{"task": t, "method": m, "seed": s, "em": v, "n_test": 4, "n_learn": 5, "tokens_per_example": 9.0,
+             "compose_seconds": 1.0, "eval_seconds": 2.0, "evals": 3} for (t, m, s), v in em.items()]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"task": "c", "meth'  # a line being written
+    (out / "results.jsonl").write_text(text)
+    assert main(["bbh", "--out", str(out), "--report-only"]) == 0
+    assert (out / "results.jsonl").read_text() == text
+    summary = (out / "summary.md").read_text()
+    assert "**Partial run**: 2 of the 3 tasks" in summary
+    zs = (10.0 + 30.0) / 2
+    avg, best = ((40 + 60) / 2 + (70 + 90) / 2) / 2, (60.0 + 90.0) / 2
+    assert f"| Zero-shot |  | {zs:.1f} | 2 |" in summary
+    assert f"| avg | {avg:.1f} | 2 | 1,2 |" in summary and f"| best | {best:.1f} | 2 | 1,2 |" in summary
+    assert "| c | 4 | 0.0 | 100.0 (1 of 2 seeds) |" in summary  # the per-task table shows every finished job
+    with pytest.raises(LorahubValueError, match="no config.json"):
+        from lorahub.bench.runner import report_bbh
+
+        report_bbh(tmp_path / "nothing", log=lambda s: None)

@@ -59,6 +59,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "examples_per_second": n_test / eval_s if eval_s else None,
             "evals_per_second": evals / compose_s if evals and compose_s else None,
             "per_task": {t: statistics.mean(v) for t, v in per_task.items()},
+            "task_jobs": {t: len(v) for t, v in per_task.items()},
         }
         if seeds == [None]:
             table.append({**common, "kind": "", "em": statistics.mean(common["per_task"].values())})
@@ -68,12 +69,26 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def complete_tasks(rows: list[dict[str, Any]]) -> set[str]:
+    """Tasks on which every method of the run has all its seeds: the tasks a partial run can compare on."""
+    seeds_of: dict[str, set] = defaultdict(set)
+    done: dict[tuple[str, str], set] = defaultdict(set)
+    for r in rows:
+        seeds_of[r["method"]].add(r["seed"])
+        done[(r["task"], r["method"])].add(r["seed"])
+    tasks = {r["task"] for r in rows}
+    return {t for t in tasks if all(done[(t, m)] == seeds for m, seeds in seeds_of.items())}
+
+
 def _f(x: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
 def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict]) -> str:
-    table = aggregate(rows)
+    started = sorted({r["task"] for r in rows})
+    complete = complete_tasks(rows)
+    partial = bool(complete) and len(complete) < len(started)
+    table = aggregate([r for r in rows if r["task"] in complete] if partial else rows)
     hubs = {s["hub"]["name"]: s["hub"]["modules"] for s in specs.values() if "hub" in s}
     limit = protocol.get("limit")
     lines = [
@@ -88,6 +103,9 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "task. Tokens = mean prompt tokens per test example. Seconds are summed over the method's jobs; "
         "compose = few-shot search or scoring, eval = greedy generation on the test set.",
         "",
+        *([f"**Partial run**: {len(complete)} of the {len(started)} tasks started have every method and seed "
+           "finished; the table below averages over those tasks only, so that the rows compare on the same "
+           "tasks. The per-task table shows every finished job.", ""] if partial else []),
         "| method | | exact match | tasks | seeds | tokens / example | compose s | eval s | eval examples/s | compose evals/s |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -116,14 +134,19 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "## Per task",
         "",
     ]
-    cols = [(t["method"], t["kind"]) for t in table if t["kind"] != "best"]
-    tasks = sorted({r["task"] for r in rows})
+    full = [t for t in aggregate(rows) if t["kind"] != "best"]
+    cols = [(t["method"], t["kind"]) for t in full]
     n_test = {r["task"]: r["n_test"] for r in rows}
     lines.append("| task | n test | " + " | ".join(m + (" (avg)" if k else "") for m, k in cols) + " |")
     lines.append("| --- | ---: |" + " ---: |" * len(cols))
-    per = {(t["method"], t["kind"]): t["per_task"] for t in table}
-    for task in tasks:
-        cells = [_f(per[c].get(task)) for c in cols]
+
+    def cell(t: dict[str, Any], task: str) -> str:
+        n = t["task_jobs"].get(task, 0)
+        part = f" ({n} of {len(t['seeds'])} seeds)" if t["kind"] and 0 < n < len(t["seeds"]) else ""
+        return _f(t["per_task"].get(task)) + part
+
+    for task in started:
+        cells = [cell(t, task) for t in full]
         lines.append(f"| {task} | {n_test[task]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -148,8 +148,9 @@ def check_config(out: Path, protocol: dict[str, Any], specs: dict[str, dict[str,
     return merged
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The finished jobs; a partial last line (a crash during the write) is cut off the file."""
+def read_results(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """The finished jobs; a partial last line (a crash during the write) is skipped, and with ``repair``
+    cut off the file (never while another process may be appending: pass ``repair=False`` then)."""
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -163,7 +164,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 raise LorahubValueError(f"{path}: line {lineno} is not valid JSON; fix or delete the file") from None
         good += len(line)
-    if good < len(data):
+    if repair and good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
     return rows
@@ -283,6 +284,24 @@ def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[
     text = report.write_report(out, rows, p.protocol, all_specs)
     log(text)
     return rows
+
+
+def report_bbh(out: str | os.PathLike, *, log: Callable[[str], None] = print) -> str:
+    """Rewrite ``out``'s summary.md and per_task.png from its results so far, running nothing.
+
+    Safe beside a run that is still writing to ``out`` (results.jsonl is only read), so a long run can be
+    looked at, or its partial results published, before it ends.
+    """
+    from . import report
+
+    out = Path(out)
+    if not (out / CONFIG).is_file():
+        raise LorahubValueError(f"{out} has no {CONFIG}: not a `lorahub bbh --out` folder, or no run has started there")
+    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    rows = read_results(out / RESULTS, repair=False)
+    text = report.write_report(out, rows, saved["protocol"], saved.get("methods", {}))
+    log(text)
+    return text
 
 
 def _local_device() -> str:
