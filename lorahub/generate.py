@@ -1,12 +1,14 @@
 """Greedy batched generation (left padding + attention mask) and temporary weight merging.
 
 A composed adapter is merged into the weights before generating, so prediction costs exactly what
-the base model costs (the reference LoraHub also forgot the attention mask when batching).
+the base model costs (the reference LoraHub also forgot the attention mask when batching). Prompts are
+batched by length, and the tokens all prompts share (task description, in-context examples) run once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from functools import lru_cache
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -104,8 +106,6 @@ def generate(
     ``[shared prefix][left padding][own tokens]`` with the padding masked and positions counted past it,
     which is what plain left padding computes, without recomputing the prefix for every prompt.
     """
-    import copy
-
     from transformers import StoppingCriteriaList
 
     seq2seq = is_seq2seq(model)
