@@ -38,6 +38,9 @@ class PopulationEvaluator:
         examples: the few-shot examples of the new task.
         max_rows: most rows (candidates × examples) in one forward; larger populations are chunked.
         max_length: token limit of one example.
+        length_groups: run examples of unlike lengths in separate forwards, so that little compute goes to
+            padding (None: on a CPU, where a forward's cost is its padded token count, not on a GPU, where
+            one wide batch is faster). Causal LMs only; the loss is the same.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class PopulationEvaluator:
         *,
         max_rows: int = 256,
         max_length: int = 1024,
+        length_groups: bool | None = None,
     ):
         self.model, self.stacked = model, stacked
         self.seq2seq = is_seq2seq(model)
@@ -56,6 +60,9 @@ class PopulationEvaluator:
         self.dtype = next(model.parameters()).dtype
         self.batch = encode(tokenizer, examples, seq2seq=self.seq2seq, max_length=max_length).to(self.device)
         self.num_examples = len(self.batch)
+        if length_groups is None:
+            length_groups = self.device.type == "cpu"
+        self.groups = split_by_length(self.batch) if length_groups and not self.seq2seq else [self.batch]
         self.chunk = max(1, max_rows // self.num_examples)
         self.evaluations = 0
         self._composed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -109,20 +116,45 @@ class PopulationEvaluator:
 
     def _score_chunk(self, w: torch.Tensor) -> torch.Tensor:
         P = w.shape[0]
+        total = torch.zeros(P, device=w.device, dtype=torch.float32)
+        count = torch.zeros(P, device=w.device, dtype=torch.float32)
         for layer in self.stacked.layers:
             self._composed[layer] = compose_population(w, self._A[layer], self._B[layer])
         try:
-            token_loss, rows = self._token_losses(self.batch.repeat(P))
+            for group in self.groups:  # the loss is the mean over all target tokens of all groups
+                token_loss, rows = self._token_losses(group.repeat(P))
+                cand = rows // len(group)
+                total.index_add_(0, cand, token_loss.float())
+                count.index_add_(0, cand, torch.ones_like(token_loss, dtype=torch.float32))
         finally:
             self._composed.clear()
-        cand = rows // self.num_examples
-        total = torch.zeros(P, device=w.device, dtype=torch.float32).index_add_(0, cand, token_loss)
-        count = torch.zeros(P, device=w.device, dtype=torch.float32).index_add_(0, cand, torch.ones_like(token_loss))
         return total / count
 
     def _token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per target token: its cross-entropy and its row, computing logits only at those tokens."""
         return token_losses(self.model, batch, self.seq2seq)
+
+
+def split_by_length(batch: Batch, *, slack: float = 1.1) -> list[Batch]:
+    """A right-padded causal batch cut into groups of similar length, each trimmed to its longest row.
+
+    Rows are taken shortest first; a group closes when the next row would make its padded size exceed
+    ``slack`` × its real tokens.
+    """
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is None or (len(g) + 1) * lengths[i] > slack * (sum(lengths[j] for j in g) + lengths[i]):
+            groups.append([i])
+        else:
+            g.append(i)
+    out = []
+    for g in groups:
+        idx, width = torch.tensor(g, device=batch.input_ids.device), max(lengths[i] for i in g)
+        out.append(Batch(batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.labels[idx, :width]))
+    return out
 
 
 def token_losses(model: Any, batch: Batch, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:

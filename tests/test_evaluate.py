@@ -102,3 +102,28 @@ def test_compose_population_is_weighted_sum():
     for p in range(2):
         torch.testing.assert_close(a[p], sum(W[p, i] * A[i] for i in range(3)))
         torch.testing.assert_close(b[p], sum(W[p, i] * B[i] for i in range(3)))
+
+
+def test_length_groups_cut_padding_and_keep_the_loss(tiny_llama, llama_modules):
+    """Examples of unlike lengths run in separate, trimmed forwards (CPU default): same loss as PEFT's."""
+    from lorahub.evaluate import split_by_length
+
+    model, tok = tiny_llama
+    stacked = _stack(model, llama_modules)
+    examples = [{"input": "Q: hi\nA:", "output": "yes"}, {"input": "Q: " + "a long question " * 12 + "\nA:", "output": "no"},
+                {"input": "Q: ho\nA:", "output": "no"}, {"input": "Q: " + "a long question " * 11 + "?\nA:", "output": "yes"}]
+    W = torch.randn(3, len(stacked), generator=torch.Generator().manual_seed(5))
+    with PopulationEvaluator(model, tok, stacked, as_examples(examples)) as ev:
+        grouped, groups = ev.score(W), ev.groups
+    with PopulationEvaluator(model, tok, stacked, as_examples(examples), length_groups=False) as ev:
+        one_batch = ev.score(W)
+    assert [len(g) for g in groups] == [2, 2]
+    full = encode(tok, as_examples(examples), seq2seq=False)
+    assert sum(g.attention_mask.numel() for g in groups) < 0.7 * full.attention_mask.numel()
+    assert all(bool(g.attention_mask[:, -1].any()) for g in groups)  # trimmed to the group's longest row
+    torch.testing.assert_close(grouped, one_batch, rtol=1e-5, atol=1e-6)
+    for p in range(3):
+        assert grouped[p].item() == pytest.approx(peft_loss(model, tok, stacked, W[p], examples), rel=1e-4)
+    lengths = torch.tensor([[1] * n + [0] * (10 - n) for n in (3, 10, 10, 4)])
+    parts = split_by_length(type(full)(lengths, lengths, lengths))
+    assert [p.attention_mask.sum(1).tolist() for p in parts] == [[3], [4], [10, 10]]
