@@ -115,10 +115,14 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     for r in rows:
         assert r["n_test"] == 3 and len(r["predictions"]) == 3 and r["n_learn"] == 5 and 0 <= r["em"] <= 100
         assert r["tokens_per_example"] > 0 and r["eval_seconds"] > 0 and r["config"]
+        assert r["machine"].endswith(" threads")  # the CPU's model and torch's thread count
     assert by[("alpha", "icl", None)]["tokens_per_example"] > 3 * by[("alpha", "zero-shot", None)]["tokens_per_example"]
     summary = (out / "summary.md").read_text()
     assert "| Zero-shot |" in summary and "| avg |" in summary and "| best |" in summary and "FLAN-T5-large" in summary
     assert "eval examples/s" in summary and "compose evals/s" in summary and "| alpha | 3 |" in summary
+    job_h = sum(r["compose_seconds"] + r["eval_seconds"] for r in rows) / 3600
+    assert f"Job time, summed over the {len(rows)} finished jobs: {job_h:.2f} h" in summary
+    assert f"Machines: {rows[0]['machine']}." in summary
     assert (out / "per_task.png").stat().st_size > 1000
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"]["limit"] == 3 and config["methods"]["lorahub-default"]["budget"] == 8

@@ -166,13 +166,30 @@ class Worker:
             "em": exact_match(preds, task.references), "n_test": len(task.test), "n_learn": len(task.learn),
             "tokens_per_example": prompt_tokens(tok, prep.prompts, model), "max_new_tokens": max_new,
             "compose_seconds": round(prep.compose_seconds, 4), "eval_seconds": round(eval_seconds, 4),
-            "evals": prep.evals, **prep.info, "predictions": preds,
+            "evals": prep.evals, "machine": machine_description(next(model.parameters()).device), **prep.info,
+            "predictions": preds,
         }
 
 
     def run_with(self, job: tuple[str, str, int | None], tasks: dict[str, TaskSplit], method: Method) -> dict[str, Any]:
         """:meth:`run` with the task looked up in ``tasks`` (a Ray actor gets the dict once, by reference)."""
         return self.run(job, tasks[job[0]], method)
+
+
+def machine_description(device: Any) -> str:
+    """What ran a job, for the report: the GPU's name, or the CPU's model and torch's thread count."""
+    dev = torch.device(device) if device else torch.device("cpu")
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (cuda)"
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        import platform
+
+        cpu = platform.processor() or cpu
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def max_new_tokens(tokenizer: Any, task: TaskSplit, *, seq2seq: bool, margin: int = 2) -> int:

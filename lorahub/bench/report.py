@@ -116,6 +116,12 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
             f"{t['compose_seconds']:.1f} | {t['eval_seconds']:.1f} | {_f(t['examples_per_second'])} | "
             f"{_f(t['evals_per_second'], '{:.2f}')} |"
         )
+    compose_h = sum(r["compose_seconds"] for r in rows) / 3600
+    eval_h = sum(r["eval_seconds"] for r in rows) / 3600
+    machines = sorted({r.get("machine") or "not recorded" for r in rows})
+    lines += ["", f"Job time, summed over the {len(rows)} finished jobs: {compose_h + eval_h:.2f} h (compose "
+              f"{compose_h:.2f} h, eval {eval_h:.2f} h; loading the model and hub not included). Machines: "
+              + "; ".join(machines) + "."]
     shown = lambda spec: {k: v for k, v in spec.items() if k not in ("hub", "seeded")}  # noqa: E731
     settings = [f"- `{m}`: " + ", ".join(f"{k}={v}" for k, v in shown(s).items()) for m, s in specs.items() if shown(s)]
     if settings:
