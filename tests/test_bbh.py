@@ -123,6 +123,10 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     job_h = sum(r["compose_seconds"] + r["eval_seconds"] for r in rows) / 3600
     assert f"Job time, summed over the {len(rows)} finished jobs: {job_h:.2f} h" in summary
     assert f"Machines: {rows[0]['machine']}." in summary
+    pairs = [(by[(t, "lorahub-default", s)]["loss"], by[(t, "lorahub-reference", s)]["loss"])
+             for t in ("alpha", "beta") for s in (1, 2)]
+    assert (f"reached a lower few-shot loss than `lorahub-reference` on {sum(x < y for x, y in pairs)} of 4 (task, seed)"
+            in summary)
     assert (out / "per_task.png").stat().st_size > 1000
     config = json.loads((out / "config.json").read_text())
     assert config["protocol"]["limit"] == 3 and config["methods"]["lorahub-default"]["budget"] == 8

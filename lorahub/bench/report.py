@@ -80,6 +80,19 @@ def complete_tasks(rows: list[dict[str, Any]]) -> set[str]:
     return {t for t in tasks if all(done[(t, m)] == seeds for m, seeds in seeds_of.items())}
 
 
+def search_comparison(rows: list[dict[str, Any]], a: str = "lorahub-default", b: str = "lorahub-reference") -> list[str]:
+    """Lines comparing the few-shot loss two searches reached on the same (task, seed): the same candidates,
+    so a lower loss is a better search (whether it also predicts better is the table's business)."""
+    loss = {(r["task"], r["method"], r["seed"]): r["loss"] for r in rows if r.get("loss") is not None}
+    pairs = [(loss[(t, a, s)], loss[(t, b, s)]) for (t, m, s) in loss if m == a and (t, b, s) in loss]
+    if not pairs:
+        return []
+    wins = sum(x < y for x, y in pairs)
+    return ["", f"Search: `{a}` reached a lower few-shot loss than `{b}` on {wins} of {len(pairs)} (task, seed) "
+            f"pairs (same 20 candidates per pair); mean best loss {statistics.mean(x for x, _ in pairs):.3f} vs "
+            f"{statistics.mean(y for _, y in pairs):.3f}."]
+
+
 def _f(x: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -122,6 +135,7 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
     lines += ["", f"Job time, summed over the {len(rows)} finished jobs: {compose_h + eval_h:.2f} h (compose "
               f"{compose_h:.2f} h, eval {eval_h:.2f} h; loading the model and hub not included). Machines: "
               + "; ".join(machines) + "."]
+    lines += search_comparison(rows)
     shown = lambda spec: {k: v for k, v in spec.items() if k not in ("hub", "seeded")}  # noqa: E731
     settings = [f"- `{m}`: " + ", ".join(f"{k}={v}" for k, v in shown(s).items()) for m, s in specs.items() if shown(s)]
     if settings:
