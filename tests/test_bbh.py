@@ -263,7 +263,7 @@ def test_partial_run_report_compares_on_complete_tasks_only(tmp_path, capsys):
     assert main(["bbh", "--out", str(out), "--report-only"]) == 0
     assert (out / "results.jsonl").read_text() == text
     summary = (out / "summary.md").read_text()
-    assert "**Partial run**: 2 of the 3 tasks" in summary
+    assert "**Partial run**: 2 of the 3 tasks" in summary and "every method and seed finished: 2 (BBH has 27)" in summary
     zs = (10.0 + 30.0) / 2
     avg, best = ((40 + 60) / 2 + (70 + 90) / 2) / 2, (60.0 + 90.0) / 2
     assert f"| Zero-shot |  | {zs:.1f} | 2 |" in summary

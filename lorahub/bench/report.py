@@ -116,6 +116,8 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "task. Tokens = mean prompt tokens per test example. Seconds are summed over the method's jobs; "
         "compose = few-shot search or scoring, eval = greedy generation on the test set.",
         "",
+        f"Tasks with every method and seed finished: {len(complete)} (BBH has 27); started: {len(started)}.",
+        "",
         *([f"**Partial run**: {len(complete)} of the {len(started)} tasks started have every method and seed "
            "finished; the table below averages over those tasks only, so that the rows compare on the same "
            "tasks. The per-task table shows every finished job.", ""] if partial else []),
