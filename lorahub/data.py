@@ -179,8 +179,8 @@ def encode(
             p, t = format_example(ex.input, ex.output, seq2seq=True)
             srcs.append(tokenizer(p, truncation=True, max_length=max_length).input_ids)
             tgts.append(tokenizer(t, truncation=True, max_length=max_length).input_ids)
-        ids, mask = _pad(srcs, pad_id)
-        lab, dmask = _pad(tgts, pad_id)
+        ids, mask = pad_rows(srcs, pad_id)
+        lab, dmask = pad_rows(tgts, pad_id)
         lab = lab.masked_fill(dmask == 0, -100)
         return Batch(ids, mask, lab, dmask)
     seqs, labs = [], []
@@ -192,16 +192,18 @@ def encode(
         p_ids = p_ids[-(max_length - len(t_ids)) :]
         seqs.append(p_ids + t_ids)
         labs.append([-100] * len(p_ids) + t_ids)
-    ids, mask = _pad(seqs, pad_id)
-    lab, _ = _pad(labs, -100)
+    ids, mask = pad_rows(seqs, pad_id)
+    lab, _ = pad_rows(labs, -100)
     return Batch(ids, mask, lab)
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded with ``value`` to the longest (on the right, or the left for generation) and their mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
     return ids, mask

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .data import format_example
+from .data import format_example, pad_rows
 from .models import is_seq2seq
 
 
@@ -76,17 +76,6 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], *, min_length: int = 4) 
     return n if n >= min_length else 0
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -136,7 +125,8 @@ def generate(
                 tokenizer.padding_side = old_side
             ids, mask = enc.input_ids, enc.attention_mask
         else:
-            ids, mask = _left_padded([token_rows[i][n_shared:] for i in idx], pad_id, device)
+            ids, mask = pad_rows([token_rows[i][n_shared:] for i in idx], pad_id, left=True)
+            ids, mask = ids.to(device), mask.to(device)
             if n_shared:
                 ids = torch.cat([prefix.expand(len(idx), -1), ids], dim=1)
                 mask = torch.cat([torch.ones((len(idx), n_shared), dtype=mask.dtype, device=device), mask], dim=1)

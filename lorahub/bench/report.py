@@ -156,7 +156,7 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "## Per task",
         "",
     ]
-    full = [t for t in aggregate(rows) if t["kind"] != "best"]
+    full = [t for t in (aggregate(rows) if partial else table) if t["kind"] != "best"]
     cols = [(t["method"], t["kind"]) for t in full]
     n_test = {r["task"]: r["n_test"] for r in rows}
     lines.append("| task | n test | " + " | ".join(m + (" (avg)" if k else "") for m, k in cols) + " |")
