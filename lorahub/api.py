@@ -17,7 +17,7 @@ from .evaluate import PopulationEvaluator
 from .export import adapter_config, merge_copy, save_adapter, versions, write_best_weights
 from .generate import generate, merged_into
 from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
-from .optimize import SearchResult, search
+from .optimize import DEFAULT_STEP, SearchResult, search
 from .store import ModuleStore, StackedModules
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ def compose(
     device: str | torch.device | None = None,
     progress: bool = True,
     probe_singles: bool | None = None,
-    start: str = "zero",
+    start: str = "best-probe",
+    step: float = DEFAULT_STEP,
     max_rows: int = 256,
     out_dir: str | Path | None = None,
     command: str | None = None,
@@ -145,14 +146,15 @@ def compose(
             ids, or a :class:`ModuleStore`.
         base_model: an HF id or path, ``(model, tokenizer)`` already loaded, or None for the hub's base.
         num_candidates: modules drawn at random (with ``seed``) from the library.
-        budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N).
+        budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N, at most budget/5).
         optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
         l1: coefficient of mean|w| added to the loss. bounds: box for each weight; the search starts at 0.
         probe_singles: score the N single modules (one-hot weights) in one batched pass before the
             search and tell them to the optimizer, so the result is never worse than the best single
             module (N evaluations beyond ``budget``). Default: on, except for the reference ``"ngopt"``.
-        start: where the search's mean starts: ``"zero"`` (LoraHub) or ``"best-probe"`` (the best single
-            module, when ``probe_singles``).
+        start: where CMA-ES's mean starts: ``"best-probe"`` (the best single module, when ``probe_singles``;
+            the default) or ``"zero"`` (LoraHub's start, w = 0).
+        step: CMA-ES's first step around the start, in weight units (benchmarks/search_tuning.py).
         out_dir: if given, ``best_weights.json`` is written there at each new best.
         method: ``"static"`` (LoraHub: the search above) or ``"routed"``: the same candidates (same ``seed``)
             as frozen experts under per-layer top-k routers learnt by gradient on the examples
@@ -183,7 +185,7 @@ def compose(
         bar = tqdm(total=budget, desc="compose", unit="eval")
     last_best = [float("inf")]
 
-    def step(done: int, best: SearchResult) -> None:
+    def after_generation(done: int, best: SearchResult) -> None:
         if bar is not None:
             bar.update(done - bar.n)
             bar.set_postfix(best_loss=f"{best.loss:.4f}")
@@ -200,8 +202,8 @@ def compose(
             if probe_singles is None:
                 probe_singles = optimizer != "ngopt"
             result = search(lambda w: ev.score(w).numpy(), len(names), budget=budget, population=population,
-                            optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=step,
-                            probes=np.eye(len(names)) if probe_singles else None, start=start)
+                            optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=after_generation,
+                            probes=np.eye(len(names)) if probe_singles else None, start=start, step=step)
     finally:
         if bar is not None:
             bar.close()
@@ -214,6 +216,7 @@ def compose(
         "base_model": base_name, "modules": names, "weights": weights, "loss": result.loss,
         "objective": result.objective, "zero_weight_loss": zero_loss, "optimizer": result.optimizer,
         "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles), "start": start,
+        "step": step,
         "population": result.population,
         "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
         "num_examples": len(examples), "max_new_tokens": max_target + 4, "seconds": round(seconds, 3),

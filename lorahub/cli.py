@@ -71,7 +71,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,
         base_model=cfg.base_model, num_candidates=cfg.num_candidates, budget=cfg.budget, population=cfg.population,
         optimizer=cfg.optimizer, l1=cfg.l1, bounds=(cfg.lower, cfg.upper), seed=cfg.seed, device=cfg.device,
-        probe_singles=cfg.probe_singles, start=cfg.start,
+        probe_singles=cfg.probe_singles, start=cfg.start, step=cfg.step,
         progress=cfg.progress, max_rows=cfg.max_rows, command=command,
         method=cfg.method, routed=cfg.routed_config() if routed else None, **search,
     )

@@ -6,7 +6,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .errors import LorahubValueError
-from .optimize import OPTIMIZERS
+from .optimize import DEFAULT_STEP, OPTIMIZERS
 
 
 @dataclass
@@ -22,14 +22,15 @@ class ComposeConfig:
         eval_examples: optional held-out JSONL: exact match is reported before and after composing.
         num_candidates: modules drawn at random from the library (LoraHub: 20).
         budget: candidate evaluations (LoraHub: 40).
-        population: candidates scored per batch (CMA default: 4 + 3 ln N).
+        population: candidates scored per batch (CMA default: 4 + 3 ln N, at most budget/5).
         optimizer: "cma" (CMA-ES) or "ngopt" (the reference's NGOpt, which runs Cobyla).
         l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
         lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
         seed: seeds the choice of modules and the optimizer.
         probe_singles: score the N single modules in one batch first, so the result is never worse than
             the best of them (default: on, except for the reference optimizer "ngopt").
-        start: where the search starts: "zero" (LoraHub) or "best-probe" (the best single module).
+        start: where CMA-ES starts: "best-probe" (the best single module; default) or "zero" (LoraHub).
+        step: CMA-ES's first step around the start, in weight units.
         device: "cpu", "cuda", ...; default: cuda if available.
         merged: also write the base model with the adapter merged in (``merged/``).
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
@@ -48,7 +49,7 @@ class ComposeConfig:
     eval_examples: str | None = field(default=None, metadata={"help": "held-out JSONL: exact match before/after"})
     num_candidates: int = field(default=20, metadata={"help": "modules drawn at random from the library"})
     budget: int = field(default=40, metadata={"help": "candidate evaluations"})
-    population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N)"})
+    population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
     optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
     l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
     lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
@@ -56,7 +57,9 @@ class ComposeConfig:
     seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
     probe_singles: bool | None = field(default=None, metadata={
         "help": "score each single module before the search (N extra evaluations; default: on except for ngopt)"})
-    start: str = field(default="zero", metadata={"help": "search start: zero (LoraHub) or best-probe (best single module)"})
+    start: str = field(default="best-probe", metadata={
+        "help": "CMA-ES start: best-probe (the best single module) or zero (LoraHub's start)"})
+    step: float = field(default=DEFAULT_STEP, metadata={"help": "CMA-ES's first step around the start, in weight units"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
     merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
     max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})
@@ -80,6 +83,8 @@ class ComposeConfig:
             raise LorahubValueError(f"unknown optimizer {self.optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
         if not self.lower < 0 < self.upper:
             raise LorahubValueError(f"bounds must contain the start w=0: lower ({self.lower}) < 0 < upper ({self.upper})")
+        if not self.step > 0:
+            raise LorahubValueError(f"`step` should be a positive number, but the value passed is {self.step!r}")
         if self.start not in ("zero", "best-probe"):
             raise LorahubValueError(f"unknown start {self.start!r}. Available: zero, best-probe")
         if self.hub and self.modules:

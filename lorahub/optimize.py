@@ -22,24 +22,43 @@ from .errors import LorahubValueError
 ScoreFn = Callable[[np.ndarray], Sequence[float]]  # (P, N) weightings -> P losses
 
 
-def _cma(param: ng.p.Array, budget: int, population: int) -> ng.optimizers.base.Optimizer:
-    return ng.optimizers.ParametrizedCMA(popsize=population)(param, budget=budget, num_workers=population)
+DEFAULT_STEP = 0.15  # CMA-ES's first step, in weight units (benchmarks/search_tuning.py)
 
 
-def _ngopt(param: ng.p.Array, budget: int, population: int) -> ng.optimizers.base.Optimizer:
+def _cma(param: ng.p.Array, budget: int, population: int, step: float) -> ng.optimizers.base.Optimizer:
+    """CMA-ES whose first generation spreads ``step`` (weight units) around the start.
+
+    nevergrad's CMA-ES works in the parametrization's standardized space (weight = init + sigma·x) and, for a
+    fully bounded Array, starts with σ₀ = scale·(0.3 if N < 18 else 0.15) there; we pick ``scale`` so that
+    sigma·σ₀ = ``step`` (tested: the first generation's spread).
+    """
+    multiplier = 0.3 if param.dimension < 18 else 0.15
+    scale = step / (float(param.sigma.value) * multiplier)
+    return ng.optimizers.ParametrizedCMA(popsize=population, scale=scale)(param, budget=budget, num_workers=population)
+
+
+def _ngopt(param: ng.p.Array, budget: int, population: int, step: float) -> ng.optimizers.base.Optimizer:
+    """The reference's optimizer (``step`` unused: Cobyla takes its own first step)."""
     return ng.optimizers.NGOpt(param, budget=budget, num_workers=population)
 
 
-OPTIMIZERS: dict[str, Callable[[ng.p.Array, int, int], ng.optimizers.base.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[..., ng.optimizers.base.Optimizer]] = {
     "cma": _cma,
     "ngopt": _ngopt,
 }
 DEFAULT_POPULATION = {"ngopt": 1}  # the reference asks and tells one candidate at a time
 
 
-def default_population(optimizer: str, num_modules: int) -> int:
-    """CMA-ES's own default, 4 + ⌊3·ln N⌋ (12 for N=20); 1 for the sequential reference."""
-    return DEFAULT_POPULATION.get(optimizer, 4 + int(3 * math.log(max(num_modules, 1))))
+MIN_GENERATIONS = 5  # a small budget still gets this many CMA-ES generations (benchmarks/search_tuning.py)
+
+
+def default_population(optimizer: str, num_modules: int, budget: int | None = None) -> int:
+    """CMA-ES's own default, 4 + ⌊3·ln N⌋ (12 for N=20), capped at ``budget // MIN_GENERATIONS`` (8 at LoraHub's
+    budget of 40: 5 generations rather than 3); 1 for the sequential reference."""
+    if optimizer in DEFAULT_POPULATION:
+        return DEFAULT_POPULATION[optimizer]
+    own = 4 + int(3 * math.log(max(num_modules, 1)))
+    return own if budget is None else max(2, min(own, budget // MIN_GENERATIONS))
 
 
 @dataclass
@@ -65,10 +84,11 @@ def search(
     bounds: tuple[float, float] = (-1.5, 1.5),
     seed: int = 42,
     probes: np.ndarray | None = None,
-    start: str = "zero",
+    start: str = "best-probe",
+    step: float = DEFAULT_STEP,
     on_step: Callable[[int, SearchResult], None] | None = None,
 ) -> SearchResult:
-    """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N, starting at w = 0, within ``budget`` evaluations.
+    """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations.
 
     Each generation asks ``population`` candidates, scores them in one call and tells the results::
 
@@ -76,19 +96,29 @@ def search(
         losses = score(np.stack([c.value for c in cands]))
         for c, loss in zip(cands, losses): opt.tell(c, loss + l1_term)
 
-    ``probes`` (K, N): points scored in one batch before the search and told to the optimizer as
-    not-asked candidates (outside ``budget``; marked ``"probe"`` in the history), e.g. the single modules.
-    ``start``: ``"zero"`` (LoraHub: the search's mean starts at w = 0) or ``"best-probe"`` (at the best probe).
+    ``probes`` (K, N): points scored in one batch before the search (outside ``budget``; marked ``"probe"`` in
+    the history), e.g. the single modules; the best point seen is returned, so the result is never worse
+    than the best probe.
+    ``start``: where the search's mean starts. ``"best-probe"`` (default): at the best probe, with a first
+    step of ``step`` (weight units) around it. ``"zero"`` (LoraHub): at w = 0; the probes are then also told
+    to the optimizer as not-asked candidates (lorahub 0.1's default, with ``step=0.075``). The probes are not
+    told when the search starts at one of them: CMA-ES would take the other probes, far outside its
+    sampling distribution, for its own samples. Without probes the search starts at zero.
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
     if optimizer not in OPTIMIZERS:
         raise LorahubValueError(f"unknown optimizer {optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
-    population = population or default_population(optimizer, num_modules)
+    population = population or default_population(optimizer, num_modules, budget)
     lo, hi = bounds
     if not lo < 0 < hi:
         raise LorahubValueError(f"bounds must contain the start w=0 (lo < 0 < hi), got {bounds}")
     if population < 1:
         raise LorahubValueError(f"population must be at least 1, got {population}")
+    if optimizer == "cma" and num_modules < 2:
+        raise LorahubValueError(f"CMA-ES needs at least 2 candidate modules, got {num_modules}; "
+                                "raise num_candidates or use optimizer='ngopt'")
+    if not step > 0:
+        raise LorahubValueError(f"step must be positive, got {step}")
     if optimizer == "cma" and population < 2:
         raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
     if budget < population:
@@ -118,9 +148,10 @@ def search(
         raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
     param = ng.p.Array(init=init, lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
-    opt = OPTIMIZERS[optimizer](param, budget, population)
+    opt = OPTIMIZERS[optimizer](param, budget, population, step)
     best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
-    for v, objective in zip(probe_values if probe_values is not None else [], probe_objectives):
+    told = probe_values if probe_values is not None and start == "zero" else []
+    for v, objective in zip(told, probe_objectives):
         opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
     done = 0
     while done < budget:

@@ -83,7 +83,9 @@ def test_compose_seq2seq(tiny_t5, t5_modules, tmp_path):
     with torch.no_grad():
         a = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, decoder_input_ids=dec).logits
         b = comp.merge()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, decoder_input_ids=dec).logits
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)
+    # This random T5 amplifies the fp32 rounding of the merged weights (W + BA) ~1000x, and its adapter moves the
+    # logits by ~50: so the tolerance follows the logits' scale (2e-4 of the largest), far below the adapter's effect.
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4 * float(a.abs().max()))
     assert len(comp.predict(["Q: hi\nA:"], max_new_tokens=3)) == 1
 
 

@@ -100,3 +100,54 @@ def test_probes_and_start_at_best_probe():
     assert r.objective <= 0.04 + 1e-12  # never worse than the best probe (e_2 scores 0.04)
     with pytest.raises(LorahubValueError, match="unknown start 'middle'"):
         search(score, 4, budget=8, population=8, probes=np.eye(4), start="middle")
+
+
+@pytest.mark.parametrize("n", [6, 20])  # nevergrad scales CMA-ES's first step differently below and above 18
+@pytest.mark.parametrize("step", [0.05, 0.3])
+def test_first_generation_spreads_step_around_the_start(n, step):
+    """`step` is CMA-ES's first σ in weight units: the first generation's per-coordinate spread around the start."""
+    seen = []
+
+    def score(W):
+        seen.append(W.copy())
+        return np.abs(W).sum(axis=1)
+
+    probes = np.eye(n)
+    search(score, n, budget=200, population=200, l1=0.0, probes=probes, start="best-probe", step=step, seed=1)
+    first = seen[1]  # after the probes; every probe scores 1, so the start is the first, e_1
+    spread = (first - probes[0]).std()
+    assert spread == pytest.approx(step, rel=0.1)
+
+
+def test_probes_are_told_only_when_the_search_starts_at_zero(monkeypatch):
+    import nevergrad as ng
+
+    told = []
+    real_tell = ng.optimizers.base.Optimizer.tell
+    monkeypatch.setattr(ng.optimizers.base.Optimizer, "tell",
+                        lambda self, cand, loss, *a, **k: told.append(loss) or real_tell(self, cand, loss, *a, **k))
+    score = lambda W: (W ** 2).sum(axis=1) + 1.0  # noqa: E731
+    search(score, 4, budget=8, population=4, probes=np.eye(4), start="best-probe")
+    assert len(told) == 8  # the asked candidates only
+    told.clear()
+    search(score, 4, budget=8, population=4, probes=np.eye(4), start="zero")
+    assert len(told) == 4 + 8
+
+
+def test_search_refuses_bad_step_and_single_module_cma():
+    score = lambda W: (W ** 2).sum(axis=1)  # noqa: E731
+    with pytest.raises(LorahubValueError, match="step must be positive, got 0"):
+        search(score, 4, step=0)
+    with pytest.raises(LorahubValueError, match="CMA-ES needs at least 2 candidate modules, got 1"):
+        search(score, 1)
+
+
+def test_default_population_keeps_five_generations_within_the_budget():
+    from lorahub.optimize import default_population
+
+    assert default_population("cma", 20) == 12  # CMA-ES's own 4 + 3 ln N
+    assert default_population("cma", 20, budget=40) == 8 and default_population("cma", 20, budget=400) == 12
+    assert default_population("cma", 20, budget=6) == 2 and default_population("ngopt", 20, budget=40) == 1
+    sizes = []
+    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=None)
+    assert sizes == [8] * 5

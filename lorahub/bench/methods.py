@@ -15,7 +15,8 @@ icl                 no      the 5 learning examples as Q/A blocks in the prompt
 best-single         no      the hub module with the lowest few-shot loss (all modules scored in one pass)
 lorahub-reference   yes     LoraHub as published: 20 random modules, budget 40, ``optimizer="ngopt"``
 lorahub-default     yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
-                            beyond the budget), then CMA-ES with batched evaluation, budget 40 (``--budget``)
+                            beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
+                            with batched evaluation, budget 40 (``--budget``)
 lorahub-routed      yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
                             gradient on the learning examples (``compose(method="routed")``; not in the defaults)
 adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
@@ -37,6 +38,7 @@ from .._io import sha256_file
 from ..data import as_examples, format_example
 from ..errors import LorahubValueError
 from ..metrics import exact_match
+from ..optimize import DEFAULT_STEP
 from .bbh import TaskSplit
 
 
@@ -246,7 +248,7 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
                    num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
                    optimizer=spec["optimizer"], l1=spec.get("l1", 0.05), probe_singles=spec.get("probe_singles"),
-                   seed=seed, progress=worker.progress)
+                   start=spec.get("start", "zero"), step=spec.get("step", DEFAULT_STEP), seed=seed, progress=worker.progress)
     r = comp.record
     return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
                     {"weights": comp.weights, "loss": comp.loss, "zero_weight_loss": r["zero_weight_loss"],
@@ -324,7 +326,7 @@ register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
                 label="LoraHub-reference (ngopt, as published)"))
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05,
-                      "probe_singles": True},
+                      "probe_singles": True, "start": "best-probe", "step": DEFAULT_STEP},
                 label="lorahub-default (CMA-ES, batched)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
