@@ -215,7 +215,7 @@ def compose(
     record = {
         "base_model": base_name, "modules": names, "weights": weights, "loss": result.loss,
         "objective": result.objective, "zero_weight_loss": zero_loss, "optimizer": result.optimizer,
-        "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles), "start": start,
+        "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles), "start": result.start,
         "step": step,
         "population": result.population,
         "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,

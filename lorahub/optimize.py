@@ -71,6 +71,7 @@ class SearchResult:
     optimizer: str
     population: int
     history: list[dict] = field(default_factory=list)  # {"evaluation", "loss", "objective", "best"}
+    start: str = "zero"  # where the search's mean started: "zero", or "best-probe" when there were probes
 
 
 def search(
@@ -144,13 +145,14 @@ def search(
     init = np.zeros(num_modules)
     if start == "best-probe" and probe_objectives and min(probe_objectives) < math.inf:
         init = probe_values[int(np.argmin(probe_objectives))]
+        best.start = "best-probe"
     elif start not in ("zero", "best-probe"):
         raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
     param = ng.p.Array(init=init, lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
     opt = OPTIMIZERS[optimizer](param, budget, population, step)
     best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
-    told = probe_values if probe_values is not None and start == "zero" else []
+    told = probe_values if probe_values is not None and best.start == "zero" else []
     for v, objective in zip(told, probe_objectives):
         opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
     done = 0

@@ -94,6 +94,7 @@ def test_probes_and_start_at_best_probe():
         return ((W - target) ** 2).sum(axis=1)
 
     r = search(score, 4, budget=8, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
+    assert r.start == "best-probe" and search(score, 4, budget=8, population=8, start="best-probe").start == "zero"
     assert np.array_equal(seen[0], np.eye(4)) and [h.get("probe", False) for h in r.history][:4] == [True] * 4
     first_generation = seen[1]
     assert np.linalg.norm(first_generation.mean(axis=0) - np.eye(4)[1]) < 0.6  # centred on the best probe, not on 0

@@ -327,7 +327,7 @@ register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05,
                       "probe_singles": True, "start": "best-probe", "step": DEFAULT_STEP},
-                label="lorahub-default (CMA-ES, batched)"))
+                label="lorahub-default (CMA-ES from the best single module, batched)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
                 label="lorahub-routed (learnt top-2 routers)"))
