@@ -148,10 +148,10 @@ def compose(
         num_candidates: modules drawn at random (with ``seed``) from the library.
         budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N, at most budget/5).
         optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
-        l1: coefficient of mean|w| added to the loss. bounds: box for each weight; the search starts at 0.
+        l1: coefficient of mean|w| added to the loss. bounds: box for each weight (must contain 0).
         probe_singles: score the N single modules (one-hot weights) in one batched pass before the
-            search and tell them to the optimizer, so the result is never worse than the best single
-            module (N evaluations beyond ``budget``). Default: on, except for the reference ``"ngopt"``.
+            search, so the result is never worse than the best single module (N evaluations beyond
+            ``budget``). Default: on, except for the reference ``"ngopt"``.
         start: where CMA-ES's mean starts: ``"best-probe"`` (the best single module, when ``probe_singles``;
             the default) or ``"zero"`` (LoraHub's start, w = 0).
         step: CMA-ES's first step around the start, in weight units (benchmarks/search_tuning.py).

@@ -120,6 +120,8 @@ def search(
                                 "raise num_candidates or use optimizer='ngopt'")
     if not step > 0:
         raise LorahubValueError(f"step must be positive, got {step}")
+    if start not in ("zero", "best-probe"):
+        raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
     if optimizer == "cma" and population < 2:
         raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
     if budget < population:
@@ -146,8 +148,6 @@ def search(
     if start == "best-probe" and probe_objectives and min(probe_objectives) < math.inf:
         init = probe_values[int(np.argmin(probe_objectives))]
         best.start = "best-probe"
-    elif start not in ("zero", "best-probe"):
-        raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
     param = ng.p.Array(init=init, lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
     opt = OPTIMIZERS[optimizer](param, budget, population, step)
