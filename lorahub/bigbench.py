@@ -15,6 +15,20 @@ The prompt follows BIG-bench's own formatting (``bigbench/api/json_task.py``)::
 
 with leading newlines stripped. The prompt keeps the trailing space of ``"\\nA: "``: moving it into the
 answer is :func:`lorahub.data.format_example`'s job, for training and composition alike.
+
+A multiple-choice task can be rendered in one of :data:`FORMATS` (``fmt``):
+
+- ``"native"``: BIG-bench's own, as above; the answer is the choice's text (for a task whose choices are
+  yes/no or True/False, that is already the yes/no format);
+- ``"letters"``: the choices as lettered options, as BBH and most prompts in the wild write them::
+
+      task_prefix + example_input_prefix + input + "\\nOptions:\\n(A) …\\n(B) …" + example_output_prefix
+
+  with the answer the option's letter in parentheses, ``"(B)"``. The choices are shuffled with a seed made
+  of the file name and line number, so the letter carries no prior and a rebuild renders the same prompts.
+
+A hub module is one (task, format) *unit*: ``"task"`` or ``"task:letters"`` (:func:`parse_unit`), named
+``task`` for the native format and ``task--letters`` otherwise (:func:`unit_name`).
 """
 
 from __future__ import annotations
@@ -34,6 +48,22 @@ DEFAULT_INPUT_PREFIX = "\nQ: "
 DEFAULT_OUTPUT_PREFIX = "\nA: "
 DEFAULT_CHOICE_PREFIX = "\n  choice: "
 MIN_HELDOUT = 50  # examples of each task kept out of training, for the module's quality report
+FORMATS = ("native", "letters")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def parse_unit(spec: str) -> tuple[str, str]:
+    """``"task"`` -> (task, "native"); ``"task:letters"`` -> (task, "letters"); an unknown format is an error."""
+    task, _, fmt = spec.strip().partition(":")
+    fmt = fmt or "native"
+    if fmt not in FORMATS:
+        raise LorahubValueError(f"unknown answer format {fmt!r} in {spec!r}. Available: {', '.join(FORMATS)}")
+    return task, fmt
+
+
+def unit_name(task: str, fmt: str) -> str:
+    """The module name of a (task, format) unit: the task itself for the native format."""
+    return task if fmt == "native" else f"{task}--{fmt}"
 
 
 @dataclass
@@ -70,9 +100,25 @@ def bigbench_prompt(row: dict[str, Any], meta: dict[str, Any]) -> str:
     return text.lstrip("\n")
 
 
-def read_bigbench_task(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Example]:
-    """Read ``tasks/<name>.jsonl``; a bad line raises a :class:`LorahubValueError` naming file and line."""
+def lettered_example(row: dict[str, Any], meta: dict[str, Any], target: str, seed: str) -> Example:
+    """The ``"letters"`` rendering of one multiple-choice row (choices shuffled with ``seed``)."""
+    choices = [str(c) for c in row["choices"]]
+    order = list(range(len(choices)))
+    random.Random(seed).shuffle(order)
+    shuffled = [choices[i] for i in order]
+    options = "\nOptions:" + "".join(f"\n({LETTERS[i]}) {c}" for i, c in enumerate(shuffled))
+    text = (meta.get("task_prefix") or "") + meta.get("example_input_prefix", DEFAULT_INPUT_PREFIX) + row["input"]
+    text += options + meta.get("example_output_prefix", DEFAULT_OUTPUT_PREFIX)
+    return Example(text.lstrip("\n"), f"({LETTERS[shuffled.index(target)]})")
+
+
+def read_bigbench_task(
+    path: str | os.PathLike, meta: dict[str, Any] | None = None, fmt: str = "native"
+) -> list[Example]:
+    """Read ``tasks/<name>.jsonl`` in answer format ``fmt``; a bad line raises an error naming file and line."""
     meta = meta or {}
+    if fmt not in FORMATS:
+        raise LorahubValueError(f"unknown answer format {fmt!r}. Available: {', '.join(FORMATS)}")
     out: list[Example] = []
     for lineno, row in iter_jsonl(path):
         target = row.get("target", row.get("output"))
@@ -85,6 +131,16 @@ def read_bigbench_task(path: str | os.PathLike, meta: dict[str, Any] | None = No
         choices = row.get("choices")
         if choices is not None and not isinstance(choices, list):
             raise LorahubValueError(f"{path}:{lineno}: 'choices' must be a list or null, got {type(choices).__name__}")
+        if fmt == "letters":
+            if not choices or len(choices) > len(LETTERS):
+                raise LorahubValueError(
+                    f"{path}:{lineno}: the letters format needs 1 to {len(LETTERS)} choices, got {len(choices or [])}; "
+                    "render this task in the native format"
+                )
+            if target not in [str(c) for c in choices]:
+                raise LorahubValueError(f"{path}:{lineno}: target {target!r:.60} is not among the choices")
+            out.append(lettered_example(row, meta, target, seed=f"{Path(path).stem}:{lineno}"))
+            continue
         out.append(Example(bigbench_prompt(row, meta), target))
     if not out:
         raise LorahubValueError(f"{path}: contains no examples")
@@ -112,8 +168,10 @@ def task_path(tasks_dir: str | os.PathLike, name: str) -> Path:
     return sub if sub.is_file() or (tasks_dir / "index.json").is_file() else tasks_dir / f"{name}.jsonl"
 
 
-def read_task(tasks_dir: str | os.PathLike, name: str, meta: dict[str, Any] | None = None) -> Task:
-    """Read one task of a BIG-bench-layout folder or of a plain JSONL folder."""
+def read_task(
+    tasks_dir: str | os.PathLike, name: str, meta: dict[str, Any] | None = None, fmt: str = "native"
+) -> Task:
+    """Read one task of a BIG-bench-layout folder (in answer format ``fmt``) or of a plain JSONL folder."""
     tasks_dir = Path(tasks_dir)
     if meta is None:
         index = list_tasks(tasks_dir)
@@ -123,7 +181,9 @@ def read_task(tasks_dir: str | os.PathLike, name: str, meta: dict[str, Any] | No
         meta = index[name]
     path = task_path(tasks_dir, name)
     if (tasks_dir / "index.json").is_file():
-        return Task(name, read_bigbench_task(path, meta), meta, path)
+        return Task(name, read_bigbench_task(path, meta, fmt), meta, path)
+    if fmt != "native":
+        raise LorahubValueError(f"task {name!r} in {tasks_dir} is plain input/output JSONL: only the native format applies")
     return Task(name, read_jsonl(path), meta, path)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from . import metrics
 from ._io import atomic_dir, atomic_write_json, sha256_file
-from .bigbench import list_tasks, read_task, split_examples
+from .bigbench import list_tasks, parse_unit, read_task, split_examples, unit_name
 from .data import Example
 from .errors import LorahubError, LorahubValueError
 from .store import SAFETENSORS_WEIGHTS, resolve_manifest
@@ -121,13 +121,13 @@ def build_hub(
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = manifest_path_for(out_dir)
     index = list_tasks(tasks_dir)
-    if only:
-        unknown = [t for t in only if t not in index]
-        if unknown:
-            raise LorahubValueError(f"--only names unknown tasks {unknown[:5]} in {tasks_dir}. Available: {', '.join(list(index)[:10])} ...")
-        order = list(dict.fromkeys(only))
-    else:
-        order = list(index)
+    # the units to build, in order: (module name, task, answer format)
+    units = [parse_unit(u) for u in only] if only else [(t, "native") for t in index]
+    unknown = [t for t, _ in units if t not in index]
+    if unknown:
+        raise LorahubValueError(f"--only names unknown tasks {unknown[:5]} in {tasks_dir}. Available: {', '.join(list(index)[:10])} ...")
+    unit_of = {unit_name(t, f): (t, f) for t, f in units}
+    order = list(unit_of)
     skeleton = {
         "name": name or out_dir.name,
         "description": description or f"LoRA modules trained by `lorahub hub build` on {Path(tasks_dir).name} tasks",
@@ -138,18 +138,18 @@ def build_hub(
     manifest = _load_manifest(mpath, skeleton)
 
     # 1) what is already done: manifest entries whose weights check out, folders written just before a kill
-    done = {e["task"] for e in manifest["modules"] if _is_finished(e, mpath.parent)}
-    manifest["modules"] = [e for e in manifest["modules"] if e["task"] in done]
-    for task in order:
-        report = out_dir / task / TRAIN_REPORT
-        if task not in done and report.is_file() and (out_dir / task / SAFETENSORS_WEIGHTS).is_file():
+    done = {e["name"] for e in manifest["modules"] if _is_finished(e, mpath.parent)}
+    manifest["modules"] = [e for e in manifest["modules"] if e["name"] in done]
+    for name in order:
+        report = out_dir / name / TRAIN_REPORT
+        if name not in done and report.is_file() and (out_dir / name / SAFETENSORS_WEIGHTS).is_file():
             entry = json.loads(report.read_text(encoding="utf-8"))["manifest_entry"]
-            entry["sha256"] = sha256_file(out_dir / task / SAFETENSORS_WEIGHTS)
-            entry["size_bytes"] = (out_dir / task / SAFETENSORS_WEIGHTS).stat().st_size
+            entry["sha256"] = sha256_file(out_dir / name / SAFETENSORS_WEIGHTS)
+            entry["size_bytes"] = (out_dir / name / SAFETENSORS_WEIGHTS).stat().st_size
             manifest["modules"].append(entry)
-            done.add(task)
-            _log(out_dir, "adopted", task=task)
-    rejected = {r["task"] for r in manifest["rejected"]}
+            done.add(name)
+            _log(out_dir, "adopted", task=name)
+    rejected = {r.get("name", r["task"]) for r in manifest["rejected"]}
     todo = [t for t in order if t not in done and t not in rejected]
     atomic_write_json(mpath, manifest)
 
@@ -171,21 +171,23 @@ def build_hub(
             # 2) the next group of tasks (one adapter each, trained in the same steps)
             group: dict[str, tuple[list[Example], list[Example]]] = {}
             while todo and len(group) < min(config.modules_per_step, room()):
-                task = todo.pop(0)
+                name = todo.pop(0)
+                task, fmt = unit_of[name]
                 try:
-                    examples = read_task(tasks_dir, task, index[task]).examples
-                    group[task] = split_examples(examples, seed=config.seed, heldout=heldout)
+                    examples = read_task(tasks_dir, task, index[task], fmt).examples
+                    group[name] = split_examples(examples, seed=config.seed, heldout=heldout)
                 except LorahubError as e:
-                    _log(out_dir, "skipped", task=task, error=str(e))
+                    _log(out_dir, "skipped", task=name, error=str(e))
                     if progress:
-                        print(f"skipping task {task}: {e}", flush=True)
+                        print(f"skipping {name}: {e}", flush=True)
             if not group:
                 continue
             _log(out_dir, "train_start", tasks=list(group))
             trained = train_modules(model, tokenizer, {t: tr for t, (tr, _) in group.items()}, config, progress=progress)
             # 3) quality report, then write the module atomically and add its manifest entry
-            for task, module in trained.items():
-                held = group[task][1][:eval_examples]
+            for name, module in trained.items():
+                task, fmt = unit_of[name]
+                held = group[name][1][:eval_examples]
                 t0 = time.time()
                 base_em = heldout_em(model, tokenizer, held)
                 module_em = heldout_em(model, tokenizer, held, delta_weights(module, config))
@@ -195,12 +197,13 @@ def build_hub(
                     "train_seconds": round(module.seconds, 1), "eval_seconds": round(time.time() - t0, 1),
                 }
                 if require_improvement and module_em <= base_em:
-                    manifest["rejected"].append({"task": task, **quality})
+                    manifest["rejected"].append({"name": name, "task": task, "format": fmt, **quality})
                     atomic_write_json(mpath, manifest)
-                    _log(out_dir, "rejected", task=task, **quality)
+                    _log(out_dir, "rejected", task=name, **quality)
                     continue
-                entry = _entry(task, module, config, base_name, seq2seq, index[task], group[task], quality, out_dir, mpath)
-                with atomic_dir(out_dir / task) as tmp:
+                entry = _entry(name, task, fmt, module, config, base_name, seq2seq, index[task], group[name], quality,
+                               out_dir, mpath)
+                with atomic_dir(out_dir / name) as tmp:
                     weights = save_module(tmp, module, config, base_model_name=base_name, seq2seq=seq2seq,
                                           report={"quality": quality, "manifest_entry": entry})
                     entry["sha256"] = sha256_file(weights)
@@ -210,10 +213,10 @@ def build_hub(
                         os.chmod(f, 0o644)
                 manifest["modules"].append(entry)
                 atomic_write_json(mpath, manifest)
-                _log(out_dir, "saved", task=task, **quality)
+                _log(out_dir, "saved", task=name, **quality)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(task=task[:24], em=f"{base_em:.2f}->{module_em:.2f}")
+                    bar.set_postfix(task=name[:24], em=f"{base_em:.2f}->{module_em:.2f}")
                 if on_module is not None:
                     on_module(entry)
     finally:
@@ -222,11 +225,12 @@ def build_hub(
     return mpath
 
 
-def _entry(task, module: TrainedModule, config: TrainConfig, base_name, seq2seq, meta, split, quality, out_dir: Path, mpath: Path):
+def _entry(name, task, fmt, module: TrainedModule, config: TrainConfig, base_name, seq2seq, meta, split, quality,
+           out_dir: Path, mpath: Path):
     train, held = split
     ex = train[0]
     return {
-        "name": task, "location": os.path.relpath(out_dir / task, mpath.parent), "task": task,
+        "name": name, "location": os.path.relpath(out_dir / name, mpath.parent), "task": task, "format": fmt,
         "base_model": base_name, "rank": config.rank, "alpha": config.alpha,
         "target_modules": sorted(config.target_modules), "sha256": None,
         "kind": meta.get("kind"), "description": meta.get("description"), "source": meta.get("source"),
