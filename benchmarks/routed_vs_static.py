@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lorahub import compose
-from lorahub._io import atomic_write_json, atomic_write_text
+from lorahub.files import atomic_write_json, atomic_write_text
 from lorahub.bigbench import list_tasks, read_task, split_examples
 from lorahub.generate import generate
 from lorahub.hub import _max_new_tokens

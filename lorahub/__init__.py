@@ -3,8 +3,7 @@
 from .api import Composition, compose, from_weights
 from .errors import LorahubError, LorahubFileError, LorahubIntegrityError, LorahubValueError
 from .store import ModuleStore
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Composition",

@@ -14,16 +14,17 @@ from .compose import composed_layers, delta_weights
 from .data import Example, as_examples
 from .errors import LorahubValueError
 from .evaluate import PopulationEvaluator
-from .export import adapter_config, merge_copy, save_adapter, versions, write_best_weights
+from .export import adapter_config, check_output_dir, merge_copy, save_adapter, versions, write_best_weights
 from .generate import generate, merged_into
-from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
-from .optimize import DEFAULT_STEP, SearchResult, search
-from .store import ModuleStore, StackedModules
+from .loading import load_base_for, resolve_store, stack_for
+from .models import is_seq2seq
+from .optimize import SearchConfig, SearchResult, search
+from .progress import progress_bar
+from .store import StackedModules
 
 if TYPE_CHECKING:
     from .routed import RoutedComposition, RoutedConfig
 
-DEFAULT_HUB = "smollm2-135m-bigbench"
 COMPOSE_METHODS = {
     "static": "LoraHub's composition: one weighting of the modules, searched without gradients, mergeable",
     "routed": "per-layer top-k routers over the frozen modules, learnt by gradient on the examples (not mergeable)",
@@ -73,40 +74,13 @@ class Composition:
                             tokenizer=self.tokenizer if merged else None)
 
 
-def resolve_store(modules: Any) -> ModuleStore:
-    """None → the default hub; a str → a hub name or manifest; a list → module folders or hub ids."""
-    if isinstance(modules, ModuleStore):
-        return modules
-    if modules is None or isinstance(modules, (str, Path)):
-        return ModuleStore.from_manifest(modules or DEFAULT_HUB)
-    store = ModuleStore()
-    for loc in modules:
-        store.add_path(loc)
-    return store
-
-
-def _base(base_model: Any, store: ModuleStore, device: Any) -> tuple[Any, Any, str]:
-    """(model, tokenizer, name): a loaded pair is used as is, else the named model (or the hub's base) loads."""
-    if isinstance(base_model, tuple):
-        model, tokenizer = base_model
-        return model, tokenizer, getattr(model, "lorahub_base_name", None) or model.config.name_or_path
-    name = base_model or store.base_model or DEFAULT_BASE_MODEL
-    model, tokenizer = load_base(name, device=device)
-    return model, tokenizer, name
-
-
-def _stack(store: ModuleStore, names: Sequence[str], model: Any, base_name: str) -> StackedModules:
-    p = next(model.parameters())
-    return store.stack(names, model, base_name=base_name, device=p.device, dtype=p.dtype)
-
-
 def from_weights(weights: dict[str, float], modules: Any = None, base_model: Any = None, *,
                  device: str | torch.device | None = None, max_new_tokens: int = 32) -> Composition:
     """A Composition with given weights (no search): to apply, predict with or export a known weighting."""
     store = resolve_store(modules)
-    model, tokenizer, base_name = _base(base_model, store, device)
+    model, tokenizer, base_name = load_base_for(base_model, store, device)
     names = list(weights)
-    stacked = _stack(store, names, model, base_name)
+    stacked = stack_for(store, names, model, base_name)
     record = {"base_model": base_name, "modules": names, "weights": dict(weights), "loss": float("nan"),
               "objective": float("nan"), "optimizer": "given", "evaluations": 0, "seed": None, "num_examples": 0,
               "max_new_tokens": max_new_tokens, "hub": store.name, "versions": versions()}
@@ -118,19 +92,19 @@ def compose(
     modules: Any = None,
     base_model: Any = None,
     *,
-    num_candidates: int = 20,
-    budget: int = 40,
-    population: int | None = None,
-    optimizer: str = "cma",
-    l1: float = 0.05,
-    bounds: tuple[float, float] = (-1.5, 1.5),
-    seed: int = 42,
+    num_candidates: int = SearchConfig.num_candidates,
+    budget: int = SearchConfig.budget,
+    population: int | None = SearchConfig.population,
+    optimizer: str = SearchConfig.optimizer,
+    l1: float = SearchConfig.l1,
+    bounds: tuple[float, float] = (SearchConfig.lower, SearchConfig.upper),
+    seed: int = SearchConfig.seed,
     device: str | torch.device | None = None,
     progress: bool = True,
-    probe_singles: bool | None = None,
-    start: str = "best-probe",
-    step: float = DEFAULT_STEP,
-    max_rows: int = 256,
+    probe_singles: bool | None = SearchConfig.probe_singles,
+    start: str = SearchConfig.start,
+    step: float = SearchConfig.step,
+    max_rows: int = SearchConfig.max_rows,
     out_dir: str | Path | None = None,
     command: str | None = None,
     on_step: Callable[[int, SearchResult], None] | None = None,
@@ -155,7 +129,8 @@ def compose(
         start: where CMA-ES's mean starts: ``"best-probe"`` (the best single module, when ``probe_singles``;
             the default) or ``"zero"`` (LoraHub's start, w = 0).
         step: CMA-ES's first step around the start, in weight units (benchmarks/search_tuning.py).
-        out_dir: if given, ``best_weights.json`` is written there at each new best.
+        out_dir: if given, ``best_weights.json`` is written there at each new best; a folder lorahub did not
+            make is refused before the search starts (:func:`lorahub.export.check_output_dir`).
         method: ``"static"`` (LoraHub: the search above) or ``"routed"``: the same candidates (same ``seed``)
             as frozen experts under per-layer top-k routers learnt by gradient on the examples
             (:mod:`lorahub.routed`); it returns a :class:`~lorahub.routed.RoutedComposition`, which predicts
@@ -167,28 +142,32 @@ def compose(
         raise LorahubValueError(f"unknown compose method {method!r}. Available: {avail}")
     if routed is not None and method != "routed":
         raise LorahubValueError(f"routed= settings were given with method={method!r}; pass method='routed' to use them")
+    if out_dir is not None and method == "static":
+        check_output_dir(out_dir)  # before any work, so best_weights.json never lands in a foreign folder
     examples: list[Example] = as_examples(task_examples)
     store = resolve_store(modules)
-    model, tokenizer, base_name = _base(base_model, store, device)
+    model, tokenizer, base_name = load_base_for(base_model, store, device)
     names = store.select(num_candidates, seed)
-    stacked = _stack(store, names, model, base_name)
+    stacked = stack_for(store, names, model, base_name)
     if method == "routed":
         from .routed import RoutedConfig, compose_routed
 
         return compose_routed(examples, store, model, tokenizer, base_name, stacked, routed or RoutedConfig(),
                               seed=seed, num_candidates=num_candidates, progress=progress, command=command)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=budget, desc="compose", unit="eval")
+    if probe_singles is None:
+        probe_singles = optimizer != "ngopt"
+    # one bar over every scored weighting: w = 0, the single-module probes, then the budget
+    bar = progress_bar(1 + (len(names) if probe_singles else 0) + budget, "compose", progress, unit="eval")
     last_best = [float("inf")]
 
+    def scored(w: np.ndarray) -> np.ndarray:
+        losses = ev.score(w).numpy()
+        bar.update(len(w))
+        return losses
+
     def after_generation(done: int, best: SearchResult) -> None:
-        if bar is not None:
-            bar.update(done - bar.n)
-            bar.set_postfix(best_loss=f"{best.loss:.4f}")
+        bar.set_postfix(best_loss=f"{best.loss:.4f}")
         if out_dir is not None and best.objective < last_best[0]:
             last_best[0] = best.objective
             write_best_weights(out_dir, dict(zip(names, map(float, best.weights))), best.objective, done)
@@ -198,15 +177,12 @@ def compose(
     t0 = time.perf_counter()
     try:
         with PopulationEvaluator(model, tokenizer, stacked, examples, max_rows=max_rows) as ev:
-            zero_loss = float(ev.score(np.zeros((1, len(names))))[0])
-            if probe_singles is None:
-                probe_singles = optimizer != "ngopt"
-            result = search(lambda w: ev.score(w).numpy(), len(names), budget=budget, population=population,
+            zero_loss = float(scored(np.zeros((1, len(names))))[0])
+            result = search(scored, len(names), budget=budget, population=population,
                             optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=after_generation,
                             probes=np.eye(len(names)) if probe_singles else None, start=start, step=step)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - t0
     if not np.isfinite(result.objective):
         raise LorahubValueError("every candidate scored a non-finite loss; check the examples and the modules")

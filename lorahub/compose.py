@@ -1,4 +1,4 @@
-"""Composition algebra: pure functions, no I/O.
+"""Composition algebra and PEFT's LoRA key names: pure functions, no I/O.
 
 LoraHub composes N modules with weights w by summing A and B *separately*:
 
@@ -13,11 +13,36 @@ ordinary LoRA adapter of the same shape as the modules.
 
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from typing import Mapping, Protocol
 
 import torch
 
-from .store import StackedModules
+Layers = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (A (r, in), B (out, r))
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+
+
+class Stacked(Protocol):
+    """N modules stacked per layer (:class:`lorahub.store.StackedModules`): A [N, r, in], B [N, out, r]."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+
+    @property
+    def layers(self) -> list[str]: ...
+
+    def __len__(self) -> int: ...
+
+
+def lora_key(layer: str, half: str) -> str:
+    """The state-dict key PEFT writes (and loads) for ``layer``'s ``"A"`` or ``"B"`` matrix."""
+    return f"base_model.model.{layer}.lora_{half}.weight"
+
+
+def parse_lora_key(key: str) -> tuple[str, str] | None:
+    """(layer path, "A" or "B") of a PEFT LoRA key (with or without the prefix, named adapters too); else None."""
+    m = _LORA_KEY.match(key)
+    return (m["path"], m["ab"]) if m else None
 
 
 def compose_population(
@@ -37,7 +62,7 @@ def compose_one(weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tupl
     return a[0], b[0]
 
 
-def composed_layers(stacked: StackedModules, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def composed_layers(stacked: Stacked, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer path, the composed (A (r, in), B (out, r)) of one weighting (N,)."""
     w = torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (len(stacked),):
@@ -45,18 +70,20 @@ def composed_layers(stacked: StackedModules, weights: torch.Tensor) -> dict[str,
     return {l: compose_one(w.to(stacked.A[l].device), stacked.A[l], stacked.B[l]) for l in stacked.layers}
 
 
-def delta_weights(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> dict[str, torch.Tensor]:
-    """ΔW per layer (out, in) = B · A · scaling: what merging adds to the base weight."""
+def delta_weights(layers: Layers, scaling: float, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """ΔW per layer (out, in) = B · A · scaling in fp32: what merging adds to the base weight.
+
+    ``dtype``: round A and B to it first, so that ΔW is that of the module as saved (e.g. fp16)."""
+    if dtype is not None:
+        layers = {l: (a.to(dtype), b.to(dtype)) for l, (a, b) in layers.items()}
     return {l: (b.float() @ a.float()) * scaling for l, (a, b) in layers.items()}
 
 
-def peft_state_dict(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Composed layers as a PEFT adapter state dict (the key names PEFT writes and loads)."""
-    sd = {}
-    for l, (a, b) in layers.items():
-        sd[f"base_model.model.{l}.lora_A.weight"] = a.detach().contiguous()
-        sd[f"base_model.model.{l}.lora_B.weight"] = b.detach().contiguous()
-    return sd
+def peft_state_dict(layers: Layers, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Layers as a PEFT adapter state dict (A then B per layer), optionally cast and moved, contiguous."""
+    return {lora_key(l, half): t.detach().to(device=device, dtype=dtype).contiguous()
+            for l, ab in layers.items() for half, t in zip("AB", ab)}
 
 
 def l1_penalty(weights: torch.Tensor, coef: float) -> torch.Tensor:

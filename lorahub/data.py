@@ -207,3 +207,17 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -
         ids[i, span] = torch.tensor(r, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]], *, min_length: int = 4) -> int:
+    """Tokens that every row starts with (each row keeps at least one of its own); 0 if fewer than ``min_length``."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= min_length else 0

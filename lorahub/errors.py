@@ -21,3 +21,11 @@ class LorahubFileError(FileNotFoundError, LorahubError):
 
 class LorahubIntegrityError(LorahubError):
     """A file's content does not match what its manifest promises (sha256, shapes)."""
+
+
+# Why a MixLoRA folder is refused wherever a plain (mergeable) LoRA is needed: the store, export, compose.
+NOT_MERGEABLE = (
+    "is a MixLoRA model: its router picks experts per token, so the update depends on the input and "
+    "cannot be folded into fixed weights (no static composition, no --merged export). Run it with "
+    "lorahub.mixlora.predict_mixlora or `lorahub bbh --adapter DIR`"
+)

@@ -12,10 +12,18 @@ candidate's composed delta with two batched matmuls grouped by candidate:
 Logits are computed only where a target token is predicted: the LM head is a large share of a small
 model's FLOPs. Loss per candidate = mean token cross-entropy over its target tokens (prompt and
 padding masked), which is what a HF model's ``labels`` loss gives on the Q examples.
+
+Shared prefix (causal LMs): real tasks put one long instruction in front of every example. The tokens
+that all Q prompts start with are run once per candidate (P rows, each through its own delta: the
+deltas act on q/v from the first layer on, so the prefix's key/value cache depends on the candidate),
+its cache is repeated to the P·Q rows, and only the example suffixes run on top of it. A candidate then
+costs prefix + Q·suffix tokens instead of Q·(prefix + suffix); the loss is the same (tested to 1e-5).
+Below ``min_prefix`` shared tokens the plain path runs (benchmarks/evaluator.py measures the break-even).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 
@@ -23,9 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from .compose import compose_population
-from .data import Batch, Example, encode
+from .data import Batch, Example, encode, shared_prefix_length
 from .models import is_seq2seq
 from .store import StackedModules
+
+
+MIN_SHARED_PREFIX = 64  # shared tokens below which the plain path is as fast (benchmarks/evaluator.py)
 
 
 class PopulationEvaluator:
@@ -41,6 +52,8 @@ class PopulationEvaluator:
         length_groups: run examples of unlike lengths in separate forwards, so that little compute goes to
             padding (None: on a CPU, where a forward's cost is its padded token count, not on a GPU, where
             one wide batch is faster). Causal LMs only; the loss is the same.
+        min_prefix: run the prompt prefix shared by all examples once per candidate when it has at least
+            this many tokens (causal LMs; 0 turns it off; None: ``MIN_SHARED_PREFIX``). The loss is the same.
     """
 
     def __init__(
@@ -53,6 +66,7 @@ class PopulationEvaluator:
         max_rows: int = 256,
         max_length: int = 1024,
         length_groups: bool | None = None,
+        min_prefix: int | None = None,
     ):
         self.model, self.stacked = model, stacked
         self.seq2seq = is_seq2seq(model)
@@ -62,7 +76,14 @@ class PopulationEvaluator:
         self.num_examples = len(self.batch)
         if length_groups is None:
             length_groups = self.device.type == "cpu"
-        self.groups = split_by_length(self.batch) if length_groups and not self.seq2seq else [self.batch]
+        min_prefix = MIN_SHARED_PREFIX if min_prefix is None else min_prefix
+        self.prefix_len = 0 if self.seq2seq or not min_prefix else prompt_prefix_length(self.batch, min_prefix)
+        rest = self.batch
+        if self.prefix_len:  # the shared prefix runs apart; the groups hold the suffixes
+            k = self.prefix_len
+            self.prefix_ids = self.batch.input_ids[:1, :k]
+            rest = Batch(self.batch.input_ids[:, k:], self.batch.attention_mask[:, k:], self.batch.labels[:, k:])
+        self.groups = split_by_length(rest) if length_groups and not self.seq2seq else [rest]
         self.chunk = max(1, max_rows // self.num_examples)
         self.evaluations = 0
         self._composed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -121,8 +142,13 @@ class PopulationEvaluator:
         for layer in self.stacked.layers:
             self._composed[layer] = compose_population(w, self._A[layer], self._B[layer])
         try:
+            prefix = self._prefix_cache(P) if self.prefix_len else None
             for group in self.groups:  # the loss is the mean over all target tokens of all groups
-                token_loss, rows = self._token_losses(group.repeat(P))
+                cache = None
+                if prefix is not None:  # candidate p's prefix cache for its rows p·|g| ... p·|g| + |g|-1
+                    cache = copy.deepcopy(prefix)
+                    cache.batch_repeat_interleave(len(group))
+                token_loss, rows = token_losses(self.model, group.repeat(P), self.seq2seq, past_key_values=cache)
                 cand = rows // len(group)
                 total.index_add_(0, cand, token_loss.float())
                 count.index_add_(0, cand, torch.ones_like(token_loss, dtype=torch.float32))
@@ -130,9 +156,20 @@ class PopulationEvaluator:
             self._composed.clear()
         return total / count
 
-    def _token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per target token: its cross-entropy and its row, computing logits only at those tokens."""
-        return token_losses(self.model, batch, self.seq2seq)
+    def _prefix_cache(self, P: int) -> Any:
+        """Key/value cache of the shared prefix under each of the P composed candidates (row p: candidate p)."""
+        ids = self.prefix_ids.expand(P, -1)
+        return self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+
+
+def prompt_prefix_length(batch: Batch, min_length: int) -> int:
+    """Tokens that every row's prompt starts with, never reaching a target token nor the position that
+    predicts the first one (each row keeps at least one prompt token); 0 if fewer than ``min_length``."""
+    prompts = []
+    for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist()):
+        first_target = next((i for i, l in enumerate(labels) if l != -100), len(labels))
+        prompts.append(ids[:first_target])
+    return shared_prefix_length(prompts, min_length=max(1, min_length))
 
 
 def split_by_length(batch: Batch, *, slack: float = 1.1) -> list[Batch]:
@@ -157,8 +194,13 @@ def split_by_length(batch: Batch, *, slack: float = 1.1) -> list[Batch]:
     return out
 
 
-def token_losses(model: Any, batch: Batch, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every target token of ``batch`` under ``model`` and the row it belongs to."""
+def token_losses(
+    model: Any, batch: Batch, seq2seq: bool, *, past_key_values: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token of ``batch`` under ``model`` and the row it belongs to.
+
+    ``past_key_values`` (causal LMs): the cache of a prefix, unpadded, that every row of ``batch`` continues.
+    """
     if seq2seq:
         dec_in = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
         logits = model(
@@ -168,8 +210,13 @@ def token_losses(model: Any, batch: Batch, seq2seq: bool) -> tuple[torch.Tensor,
         sel = batch.labels != -100
         rows = sel.nonzero()[:, 0]
         return F.cross_entropy(logits[sel].float(), batch.labels[sel], reduction="none"), rows
+    mask, cache_kw = batch.attention_mask, {}
+    if past_key_values is not None:  # the prefix's positions are attended to as well
+        k = past_key_values.get_seq_length()
+        mask = torch.cat([torch.ones((len(batch), k), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        cache_kw = dict(past_key_values=past_key_values, use_cache=True)
     hidden = model.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids, attention_mask=mask, **(cache_kw or dict(use_cache=False))
     ).last_hidden_state  # (B, T, H)
     targets = batch.labels[:, 1:]  # token t is predicted at position t-1
     sel = targets != -100  # (B, T-1)
@@ -180,3 +227,16 @@ def token_losses(model: Any, batch: Batch, seq2seq: bool) -> tuple[torch.Tensor,
         logits = torch.tanh(logits / cap) * cap
     rows = sel.nonzero()[:, 0]
     return F.cross_entropy(logits, targets[sel], reduction="none"), rows
+
+
+def block_losses(model: Any, batch: Batch, n_blocks: int, seq2seq: bool) -> torch.Tensor:
+    """Mean answer-token loss of each of the ``n_blocks`` equal row blocks of ``batch``: shape (n_blocks,).
+
+    The one loss of training (a block per task or per model) and of routed composition (one block): the
+    mean of :func:`token_losses` per block, so it optimises exactly what the evaluator scores (soft-capping
+    included). A block without answer tokens scores 0.
+    """
+    tok_loss, rows = token_losses(model, batch, seq2seq)
+    block = rows // (len(batch) // n_blocks)  # block of each answer token
+    sums = torch.zeros(n_blocks, device=tok_loss.device).index_add(0, block, tok_loss)
+    return sums / torch.bincount(block, minlength=n_blocks).clamp_min(1)

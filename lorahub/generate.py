@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from functools import lru_cache
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .data import format_example, pad_rows
+from .data import format_example, pad_rows, shared_prefix_length
 from .models import is_seq2seq
+from .progress import progress_bar
 
 
 @contextlib.contextmanager
@@ -36,44 +36,9 @@ def merged_into(model: Any, deltas: Mapping[str, torch.Tensor]) -> Iterator[Any]
                 modules[layer].weight.copy_(w0)
 
 
-class _StopOnNewline:
-    """Stop generation once every row has produced a newline (or EOS) after the prompt."""
-
-    def __init__(self, stop_ids: torch.Tensor, prompt_len: int, eos_id: int | None):
-        self.stop_ids, self.prompt_len, self.eos_id = stop_ids, prompt_len, eos_id
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw: Any) -> torch.Tensor:
-        new = input_ids[:, self.prompt_len :]
-        hit = torch.isin(new, self.stop_ids.to(new.device))
-        if self.eos_id is not None:
-            hit |= new == self.eos_id
-        done = hit.any(dim=1)
-        return done.all().expand(input_ids.shape[0]) if done.all() else torch.zeros_like(done)
-
-
-@lru_cache(maxsize=8)
-def _newline_token_ids(tokenizer: Any) -> torch.Tensor:
-    ids = [i for tok, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([tok])]
-    return torch.tensor(sorted(ids), dtype=torch.long)
-
-
 def clean_prediction(text: str) -> str:
     """The answer as generated up to the first newline, stripped."""
     return text.split("\n", 1)[0].strip() if text.strip() else ""
-
-
-def shared_prefix_length(rows: Sequence[Sequence[int]], *, min_length: int = 4) -> int:
-    """Tokens that every row starts with (each row keeps at least one of its own); 0 if fewer than ``min_length``."""
-    if len(rows) < 2:
-        return 0
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
-        k = 0
-        while k < n and r[k] == first[k]:
-            k += 1
-        n = k
-    return n if n >= min_length else 0
 
 
 @torch.inference_mode()
@@ -95,8 +60,6 @@ def generate(
     ``[shared prefix][left padding][own tokens]`` with the padding masked and positions counted past it,
     which is what plain left padding computes, without recomputing the prefix for every prompt.
     """
-    from transformers import StoppingCriteriaList
-
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -109,36 +72,32 @@ def generate(
         prefix = torch.tensor([token_rows[0][:n_shared]], dtype=torch.long, device=device)
         prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
     out: list[str] = [""] * len(prompts_all)
-    iterator = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="generate", unit="batch")
-    for start in iterator:
-        idx = order[start : start + batch_size]
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        if seq2seq:
-            old_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-            try:
-                enc = tokenizer([prompts_all[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            finally:
-                tokenizer.padding_side = old_side
-            ids, mask = enc.input_ids, enc.attention_mask
-        else:
-            ids, mask = pad_rows([token_rows[i][n_shared:] for i in idx], pad_id, left=True)
-            ids, mask = ids.to(device), mask.to(device)
-            if n_shared:
-                ids = torch.cat([prefix.expand(len(idx), -1), ids], dim=1)
-                mask = torch.cat([torch.ones((len(idx), n_shared), dtype=mask.dtype, device=device), mask], dim=1)
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
-                kwargs["past_key_values"] = cache
-            kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [_StopOnNewline(_newline_token_ids(tokenizer), ids.shape[1], tokenizer.eos_token_id)]
-            )
-        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs, num_beams=1, temperature=None,
-                             top_p=None, top_k=None)
-        new = gen if seq2seq else gen[:, ids.shape[1] :]
-        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-            out[i] = clean_prediction(text)
+    with progress_bar(-(-len(order) // batch_size), "generate", progress, unit="batch") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            if seq2seq:
+                old_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+                try:
+                    enc = tokenizer([prompts_all[i] for i in idx], return_tensors="pt", padding=True).to(device)
+                finally:
+                    tokenizer.padding_side = old_side
+                ids, mask = enc.input_ids, enc.attention_mask
+            else:
+                ids, mask = pad_rows([token_rows[i][n_shared:] for i in idx], pad_id, left=True)
+                ids, mask = ids.to(device), mask.to(device)
+                if n_shared:
+                    ids = torch.cat([prefix.expand(len(idx), -1), ids], dim=1)
+                    mask = torch.cat([torch.ones((len(idx), n_shared), dtype=mask.dtype, device=device), mask], dim=1)
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(idx))
+                    kwargs["past_key_values"] = cache
+                # each row stops at its first newline (transformers' StopStringCriteria); the answer is cut there
+                kwargs.update(stop_strings=["\n"], tokenizer=tokenizer)
+            gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs, num_beams=1, temperature=None,
+                                 top_p=None, top_k=None)
+            new = gen if seq2seq else gen[:, ids.shape[1] :]
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                out[i] = clean_prediction(text)
+            bar.update(1)
     return out

@@ -2,8 +2,8 @@
 
 :func:`build_hub` is resumable and safe to kill at any point:
 
-- each module folder is written whole or not at all (:func:`lorahub._io.atomic_dir`), then its
-  manifest entry is added (:func:`lorahub._io.atomic_write_json`);
+- each module folder is written whole or not at all (:func:`lorahub.files.atomic_dir`), then its
+  manifest entry is added (:func:`lorahub.store.write_manifest`, atomic);
 - a task whose folder and manifest entry exist (weights matching the entry's sha256) is never
   retrained; a folder that was renamed into place just before a kill is adopted from its
   ``lorahub_train.json`` instead of being retrained;
@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import metrics
-from ._io import atomic_dir, atomic_write_json, sha256_file
+from .files import atomic_dir, sha256_file
 from .bigbench import list_tasks, parse_unit, read_task, split_examples, unit_name
 from .data import Example
-from .errors import LorahubError, LorahubValueError
-from .store import SAFETENSORS_WEIGHTS, resolve_manifest
+from .errors import LorahubError, LorahubFileError, LorahubValueError
+from .progress import progress_bar
+from .store import PACKAGE_HUB_DIR, SAFETENSORS_WEIGHTS, read_manifest, resolve_manifest, weights_file, write_manifest
+from .tables import text_table
 from .train import TRAIN_REPORT, TrainConfig, TrainedModule, delta_weights, save_module, train_modules
 
 BUILD_LOG = "build_log.jsonl"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FLAN_T5_IDS = REPO_ROOT.parent / "shared" / "lorahub" / "flan_t5_large_modules.txt"
 
 
 def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
@@ -60,15 +60,16 @@ def heldout_em(model: Any, tokenizer: Any, examples: Sequence[Example], deltas: 
 
 
 def manifest_path_for(out_dir: str | os.PathLike) -> Path:
-    """``hub_index/NAME/`` keeps its manifest beside it, as ``hub_index/NAME.json``."""
+    """``hubs/NAME/`` keeps its manifest beside it, as ``hubs/NAME.json``."""
     out_dir = Path(out_dir)
     return out_dir.parent / f"{out_dir.name}.json"
 
 
 def _load_manifest(path: Path, skeleton: dict[str, Any]) -> dict[str, Any]:
+    """The build's manifest so far (``skeleton`` if new); refused if it was built with other settings."""
     if not path.is_file():
         return skeleton
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_manifest(path)
     for key in ("base_model", "rank", "alpha", "target_modules"):
         if data.get(key) is not None and data[key] != skeleton[key]:
             raise LorahubValueError(
@@ -86,8 +87,10 @@ def _log(out_dir: Path, event: str, **fields: Any) -> None:
 
 
 def _is_finished(entry: dict[str, Any], manifest_dir: Path) -> bool:
-    weights = manifest_dir / entry["location"] / SAFETENSORS_WEIGHTS
-    return weights.is_file() and sha256_file(weights) == entry.get("sha256")
+    try:
+        return sha256_file(weights_file(manifest_dir / entry["location"])) == entry.get("sha256")
+    except LorahubFileError:  # no folder or no weights: not finished
+        return False
 
 
 def build_hub(
@@ -151,7 +154,7 @@ def build_hub(
             _log(out_dir, "adopted", task=name)
     rejected = {r.get("name", r["task"]) for r in manifest["rejected"]}
     todo = [t for t in order if t not in done and t not in rejected]
-    atomic_write_json(mpath, manifest)
+    write_manifest(mpath, manifest)
 
     def room() -> int:
         return len(todo) if max_modules is None else max(0, max_modules - len(manifest["modules"]))
@@ -161,11 +164,7 @@ def build_hub(
     model, tokenizer = load_base(base_model, device=device)
     seq2seq = is_seq2seq(model)
     manifest["model_type"] = "seq2seq" if seq2seq else "causal"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=min(len(todo), room()), desc="hub build", unit="module")
+    bar = progress_bar(min(len(todo), room()), "hub build", progress, unit="module")
     try:
         while todo and room() > 0:
             # 2) the next group of tasks (one adapter each, trained in the same steps)
@@ -198,7 +197,7 @@ def build_hub(
                 }
                 if require_improvement and module_em <= base_em:
                     manifest["rejected"].append({"name": name, "task": task, "format": fmt, **quality})
-                    atomic_write_json(mpath, manifest)
+                    write_manifest(mpath, manifest)
                     _log(out_dir, "rejected", task=name, **quality)
                     continue
                 entry = _entry(name, task, fmt, module, config, base_name, seq2seq, index[task], group[name], quality,
@@ -212,16 +211,14 @@ def build_hub(
                     for f in tmp.iterdir():
                         os.chmod(f, 0o644)
                 manifest["modules"].append(entry)
-                atomic_write_json(mpath, manifest)
+                write_manifest(mpath, manifest)
                 _log(out_dir, "saved", task=name, **quality)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(task=name[:24], em=f"{base_em:.2f}->{module_em:.2f}")
+                bar.set_postfix(task=name[:24], em=f"{base_em:.2f}->{module_em:.2f}")
+                bar.update(1)
                 if on_module is not None:
                     on_module(entry)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return mpath
 
 
@@ -244,8 +241,7 @@ def _entry(name, task, fmt, module: TrainedModule, config: TrainConfig, base_nam
 
 def hub_report(manifest: str | os.PathLike) -> list[dict[str, Any]]:
     """One row per module (and per rejected task) with its quality figures, for a printed table."""
-    path = resolve_manifest(manifest)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_manifest(resolve_manifest(manifest))
     rows = []
     for e in data.get("modules", []):
         rows.append({
@@ -275,17 +271,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         mean = lambda k: sum(r[k] or 0 for r in ok) / len(ok)  # noqa: E731
         cells.append([f"mean of {len(ok)}", "", fmt(mean("train_loss")), fmt(mean("base_em")), fmt(mean("module_em")),
                       fmt(mean("gain")), "", fmt(sum(r["size_mb"] or 0 for r in ok))][: len(cols)])
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    return text_table(cols, cells)
 
 
-def flan_t5_large_manifest(
-    ids_file: str | os.PathLike = FLAN_T5_IDS, out: str | os.PathLike | None = None
-) -> Path:
-    """Write ``hub_index/lorahub-flan-t5-large.json``: LoraHub's 196 FLAN-T5-large modules as hub ids."""
+def flan_t5_large_manifest(ids_file: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write ``lorahub/hubs/lorahub-flan-t5-large.json`` (or ``out``): LoraHub's 196 FLAN-T5-large modules as hub
+    ids, one per line of ``ids_file`` (``lorahub/flan_t5_large-<task>``)."""
     ids = [line.strip() for line in Path(ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = Path(out) if out else REPO_ROOT / "hub_index" / "lorahub-flan-t5-large.json"
+    out = Path(out) if out else PACKAGE_HUB_DIR / "lorahub-flan-t5-large.json"
     modules = []
     for repo in ids:
         short = repo.split("/")[-1]
@@ -300,5 +293,5 @@ def flan_t5_large_manifest(
         "base_model": "google/flan-t5-large", "model_type": "seq2seq", "rank": 16, "alpha": 32,
         "target_modules": ["q", "v"], "source": "https://huggingface.co/lorahub", "modules": modules,
     }
-    atomic_write_json(out, manifest)
+    write_manifest(out, manifest)
     return out

@@ -8,7 +8,8 @@ LoRA to each of the three projections (ΔW = B·A·alpha/r), so with ``g_e = gat
 
 A linear router (hidden → N, no bias) gives p = softmax(router(x)); the k largest are kept and
 renormalised to sum to 1. With ``top_k=1`` that renormalisation would make the gate constant 1 and
-cut the router's gradient, so top-1 uses Switch routing: w = p_e, the raw probability.
+cut the router's gradient, so top-1 uses Switch routing: w = p_e, the raw probability. :func:`route`
+does this, for routed composition (:mod:`lorahub.routed`) too.
 
 Two exact implementations (``MixLoraFFN.impl``):
 
@@ -41,14 +42,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_dir, atomic_write_json, sha256_file
-from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
+from .files import atomic_dir, atomic_write_json, sha256_file
+from .errors import NOT_MERGEABLE, LorahubFileError, LorahubIntegrityError, LorahubValueError
 from .train import MultiLoraLinear, TrainConfig, attach_adapters
 
 CONFIG_FILE = "mixlora_config.json"
@@ -118,6 +119,21 @@ class MixLoraConfig:
 # -----------------------------------------------------------------------------
 # per-layer math
 
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, *, dense: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing, the one of MixLoRA and of routed composition (see the module docstring).
+
+    x (..., in), router weight [N, in] -> probs = softmax(router x) (..., N) in fp32, the top-k experts
+    (..., k) and their gates: (..., k), renormalised to sum 1 (k = 1: Switch, the raw probability, which
+    keeps the router's gradient), or with ``dense`` the same gates scattered to (..., N), 0 off the top-k.
+    """
+    probs = F.softmax(x.to(router.dtype) @ router.T, dim=-1, dtype=torch.float32)  # (..., N)
+    top_p, top_i = probs.topk(top_k, dim=-1)  # (..., k)
+    w = top_p / top_p.sum(-1, keepdim=True) if top_k > 1 else top_p  # k=1: Switch, w = p
+    return probs, top_i, torch.zeros_like(probs).scatter(-1, top_i, w) if dense else w
+
+
 _LLAMA_FFN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -171,17 +187,10 @@ class MixLoraFFN(nn.Module):
         a, b = getattr(self, f"lora_A_{which}")[e], getattr(self, f"lora_B_{which}")[e]
         return ((self.dropout(x).to(a.dtype) @ a.T) * self.scaling) @ b.T  # (S_e, in) -> (S_e, r) -> (S_e, out)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (S, H) -> probs (S, N), topk indices (S, k), gate weights (S, k)."""
-        probs = F.softmax(self.router(x.to(self.router.weight.dtype)), dim=-1, dtype=torch.float32)  # (S, N)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (S, k)
-        w = top_p / top_p.sum(-1, keepdim=True) if self.top_k > 1 else top_p  # k=1: Switch, w = p
-        return probs, top_i, w
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # (B, T, H)
         x = hidden_states.reshape(-1, shape[-1])  # (S, H)
-        probs, top_i, w = self.route(x)
+        probs, top_i, w = route(x, self.router.weight, self.top_k)  # (S, N), (S, k), (S, k)
         self.router_probs = probs.view(*shape[:-1], -1)
         self.router_topk = top_i.view(*shape[:-1], -1)
         out = self._shared(x, top_i, w) if self.impl == "shared" else self._naive(x, top_i, w)
@@ -256,6 +265,12 @@ def load_balance_loss(
     return num_experts * (f * p).sum()
 
 
+def layers_balance_loss(layers: Iterable[MixLoraFFN], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`load_balance_loss` of each layer's last forward, averaged over the layers (unscaled)."""
+    losses = [load_balance_loss(m.router_probs, m.router_topk, m.num_experts, mask) for m in layers]
+    return torch.stack(losses).mean()
+
+
 def mixlora_layers(model: nn.Module) -> dict[str, MixLoraFFN]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MixLoraFFN)}
 
@@ -270,8 +285,7 @@ def mixlora_aux_loss(model: nn.Module, attention_mask: torch.Tensor | None = Non
         raise LorahubValueError(f"{type(model).__name__} has no MixLoRA layers; call attach_mixlora first")
     if any(m.router_probs is None for m in layers):
         raise LorahubValueError("no router statistics yet: run a forward pass before mixlora_aux_loss")
-    losses = [load_balance_loss(m.router_probs, m.router_topk, m.num_experts, attention_mask) for m in layers]
-    loss = torch.stack(losses).mean()
+    loss = layers_balance_loss(layers, attention_mask)
     return loss * layers[0].aux_coef if scaled else loss
 
 
@@ -309,7 +323,7 @@ def attach_mixlora(model: nn.Module, config: MixLoraConfig) -> list[nn.Parameter
         layers = attach_adapters(model, ["mixlora"], tcfg)
         for layer in layers.values():  # keep the adapter on the base layer's device
             layer.to(layer.base.weight.device)
-    params = [p for n, p in model.named_parameters() if _is_adapter_param(n)]
+    params = [p for n, p in model.named_parameters() if is_adapter_param(n)]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -322,13 +336,14 @@ def detach_mixlora(model: nn.Module) -> None:
         model.set_submodule(path, m.base)
 
 
-def _is_adapter_param(name: str) -> bool:
+def is_adapter_param(name: str) -> bool:
+    """True for the parameters MixLoRA trains and saves (``lora_*`` and the routers), by name."""
     leaf = name.rsplit(".", 1)[-1]
     return leaf.startswith("lora_") or name.endswith("router.weight")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if _is_adapter_param(n)}
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter_param(n)}
 
 
 # -----------------------------------------------------------------------------
@@ -417,7 +432,7 @@ def load_mixlora(base_model: nn.Module, folder: str | os.PathLike, *, expected: 
                 )
     attach_mixlora(base_model, config)
     params = dict(base_model.named_parameters())
-    want = {k for k in params if _is_adapter_param(k)}
+    want = {k for k in params if is_adapter_param(k)}
     missing, extra = sorted(want - set(state)), sorted(set(state) - want)
     problems = [f"missing tensors {missing[:5]}" if missing else "", f"unexpected tensors {extra[:5]}" if extra else ""]
     problems += [f"tensor {k!r}: checkpoint shape {list(state[k].shape)}, model expects {list(params[k].shape)}"
@@ -442,13 +457,6 @@ def load_mixlora(base_model: nn.Module, folder: str | os.PathLike, *, expected: 
 def is_mixlora_folder(folder: str | os.PathLike) -> bool:
     """True for a folder written by :func:`save_mixlora` (it has ``mixlora_config.json``)."""
     return (Path(folder) / CONFIG_FILE).is_file()
-
-
-NOT_MERGEABLE = (
-    "is a MixLoRA model: its router picks experts per token, so the update depends on the input and "
-    "cannot be folded into fixed weights (no static composition, no --merged export). Run it with "
-    "lorahub.mixlora.predict_mixlora or `lorahub bbh --adapter DIR`"
-)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ One loop in nanoGPT's shape (:func:`train_mixlora`). What is particular:
 
 - Task-mixed batches. Each row of a step's batch draws a task uniformly at random (a seeded
   ``random.Random``), then takes that task's next example from endless seeded epochs
-  (:class:`lorahub.train._Sampler`). The loss is on answer tokens only, with the LM head run at the
-  answer positions only (:func:`lorahub.train.block_losses`).
+  (:class:`lorahub.train.EpochSampler`). The loss is on answer tokens only, with the LM head run at the
+  answer positions only (:func:`lorahub.evaluate.block_losses`, the evaluator's loss).
 - Several models, one frozen base, one batch (MixLoRA's multi-model batching, the row-block idea of
   :class:`lorahub.train.MultiLoraLinear`). With M models the batch is the step's examples repeated M
   times; row block m goes through model m only (:class:`RowBlocks` puts M branches over each frozen
@@ -46,15 +46,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from .files import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .bigbench import list_tasks, read_task, split_examples
 from .data import Example, encode
 from .errors import LorahubIntegrityError, LorahubValueError
+from .tables import markdown_table, text_table
+from .evaluate import block_losses
 from .mixlora import (
-    CONFIG_FILE, MixLoraConfig, MixLoraFFN, _is_adapter_param, attach_mixlora, check_llama_ffn, detach_mixlora,
-    load_balance_loss, save_mixlora,
+    CONFIG_FILE, MixLoraConfig, MixLoraFFN, attach_mixlora, check_llama_ffn, detach_mixlora, is_adapter_param,
+    layers_balance_loss, save_mixlora,
 )
-from .train import MultiLoraLinear, _Sampler, _stable_seed, block_losses, get_lr
+from .train import EpochSampler, MultiLoraLinear, get_lr, stable_seed
 
 METHODS = ("mixlora", "lora")
 RUN_CONFIG = "train_config.json"
@@ -83,25 +85,30 @@ class MixTrainConfig:
         impl: MixLoRA FFN forward, ``shared`` or ``naive`` (same results; not part of the resume check).
     """
 
-    methods: list[str] = field(default_factory=lambda: ["mixlora"])
-    num_experts: int = 8
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    dropout: float = 0.05
-    router_aux_loss_coef: float = 0.01
-    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    steps: int = 200
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    impl: str = "shared"
+    methods: list[str] = field(default_factory=lambda: ["mixlora"], metadata={
+        "help": f"models trained together, one row block each: {' and/or '.join(METHODS)}"})
+    num_experts: int = field(default=8, metadata={"help": "MixLoRA experts per FFN"})
+    top_k: int = field(default=2, metadata={"help": "experts per token"})
+    rank: int = field(default=8, metadata={"help": "MixLoRA LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "MixLoRA LoRA alpha"})
+    lora_rank: int | None = field(default=None, metadata={
+        "help": "rank of the lora model, or auto: the rank closest to MixLoRA in trainable parameters (default: auto)"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "alpha of the lora model (default: MixLoRA's alpha/rank times the lora rank)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on LoRA inputs"})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "MixLoRA load-balance loss coefficient"})
+    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={
+        "help": "attention projections with a plain LoRA in every model"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate, warm-up then cosine to lr/10"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip each model's gradient norm to this; 0 disables"})
+    batch_size: int = field(default=8, metadata={
+        "help": "examples per step, each row from a task drawn uniformly; every model sees the same"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example; longer prompts are cut from the left"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, split, data order and dropout"})
+    impl: str = field(default="shared", metadata={"help": "MixLoRA FFN forward: shared (fast) or naive (reference)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -224,8 +231,8 @@ class TaskMixer:
 
     def __init__(self, tasks: Mapping[str, Sequence[Example]], seed: int):
         self.names = list(tasks)
-        self.rng = random.Random(_stable_seed(seed, "task-mix"))
-        self.samplers = {n: _Sampler(tasks[n], seed, n) for n in self.names}
+        self.rng = random.Random(stable_seed(seed, "task-mix"))
+        self.samplers = {n: EpochSampler(tasks[n], seed, n) for n in self.names}
 
     def take(self, k: int) -> list[tuple[str, Example]]:
         picks = [self.names[self.rng.randrange(len(self.names))] for _ in range(k)]
@@ -289,9 +296,9 @@ def attach_models(model: nn.Module, configs: Mapping[str, MixLoraConfig], seed: 
     originals: dict[str, nn.Module] = {}
     params: dict[str, dict[str, nn.Parameter]] = {}
     for name, cfg in configs.items():
-        torch.manual_seed(_stable_seed(seed, name, "init"))
+        torch.manual_seed(stable_seed(seed, name, "init"))
         attach_mixlora(model, cfg)
-        params[name] = {n: p for n, p in model.named_parameters() if _is_adapter_param(n)}
+        params[name] = {n: p for n, p in model.named_parameters() if is_adapter_param(n)}
         views[name] = {p: m for p, m in model.named_modules() if isinstance(m, (MixLoraFFN, MultiLoraLinear))}
         originals.update({p: m.base for p, m in views[name].items()})
         detach_mixlora(model)
@@ -486,7 +493,7 @@ def train_mixlora(
         usage = {m: {p: torch.zeros(c.num_experts, dtype=torch.long) for p in attached.ffns(m)}
                  for m, c in configs.items()}
         losses: dict[str, list[float]] = {m: [] for m in methods}
-        torch.manual_seed(_stable_seed(config.seed, "dropout"))
+        torch.manual_seed(stable_seed(config.seed, "dropout"))
         start = 0
         if ckpt is not None:
             start = _restore(ckpt, attached, opt, mixer, usage, losses)
@@ -505,9 +512,9 @@ def train_mixlora(
         model.train()
         bar = None
         if progress and start < config.steps:
-            from tqdm.auto import tqdm
+            from .progress import progress_bar
 
-            bar = tqdm(total=config.steps, initial=start, desc="train " + "+".join(methods), unit="step")
+            bar = progress_bar(config.steps, "train " + "+".join(methods), initial=start, unit="step")
         t0 = time.time()
         try:
             for step in range(start, config.steps):
@@ -518,12 +525,8 @@ def train_mixlora(
                 batch = encode(tokenizer, [ex for _, ex in picks], seq2seq=False, max_length=config.max_length)
                 mask = batch.attention_mask  # (B, T), the same for every model's block
                 ce = block_losses(model, batch.repeat(len(methods)).to(device), len(methods), False)  # (M,)
-                balance = []
-                for m in methods:  # each model's load-balance loss, over its own block's routing
-                    ffns = attached.ffns(m).values()
-                    lb = torch.stack([load_balance_loss(f.router_probs, f.router_topk, f.num_experts, mask.to(device))
-                                      for f in ffns]).mean()
-                    balance.append(lb)
+                # each model's load-balance loss, over its own block's routing
+                balance = [layers_balance_loss(attached.ffns(m).values(), mask.to(device)) for m in methods]
                 aux = torch.stack([lb * configs[m].router_aux_loss_coef for m, lb in zip(methods, balance)])
                 loss = (ce + aux).sum()  # models share nothing: d(sum)/d(model m) = d(loss_m)/d(model m)
                 opt.zero_grad(set_to_none=True)
@@ -672,10 +675,7 @@ def quality_table(record: Mapping[str, Any]) -> str:
     cols = record["columns"]
     rows = [[t, str(r["n"]), *(f"{r[c]:.1f}" for c in cols)] for t, r in record["tasks"].items()]
     rows.append(["average", "", *(f"{record['average'][c]:.1f}" for c in cols)])
-    head = ["task", "n", *cols]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return text_table(["task", "n", *cols], rows)
 
 
 def quality_markdown(record: Mapping[str, Any]) -> str:
@@ -685,9 +685,7 @@ def quality_markdown(record: Mapping[str, Any]) -> str:
         lines += ["```", record["command"], "```", ""]
     if record.get("trainable_params"):
         lines += ["Trainable parameters: " + ", ".join(f"{m} {n:,}" for m, n in record["trainable_params"].items()), ""]
-    lines += [f"Held-out {record['metric']}.", "",
-              "| task | n | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
-    for t, r in record["tasks"].items():
-        lines.append(f"| {t} | {r['n']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
-    lines.append("| **average** | | " + " | ".join(f"**{record['average'][c]:.1f}**" for c in cols) + " |")
+    rows = [[t, r["n"], *(f"{r[c]:.1f}" for c in cols)] for t, r in record["tasks"].items()]
+    rows.append(["**average**", "", *(f"**{record['average'][c]:.1f}**" for c in cols)])
+    lines += [f"Held-out {record['metric']}.", "", markdown_table(["task", "n", *cols], rows)]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_dir, hub_snapshot
+from .files import atomic_dir, hub_snapshot
 from .errors import LorahubFileError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -33,6 +33,7 @@ def cache_dir() -> Path:
 
 
 def default_device() -> torch.device:
+    """The device used when none is given, everywhere in lorahub: CUDA if available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -61,6 +61,74 @@ def default_population(optimizer: str, num_modules: int, budget: int | None = No
     return own if budget is None else max(2, min(own, budget // MIN_GENERATIONS))
 
 
+STARTS = ("zero", "best-probe")
+
+
+def check_search_options(optimizer: str, start: str, bounds: tuple[float, float], step: float) -> None:
+    """The checks every search makes of its options, whether given to :func:`search` or to a config."""
+    if optimizer not in OPTIMIZERS:
+        raise LorahubValueError(f"unknown optimizer {optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
+    lo, hi = bounds
+    if not lo < 0 < hi:
+        raise LorahubValueError(f"bounds must contain the start w=0 (lower < 0 < upper), got lower={lo}, upper={hi}")
+    if not step > 0:
+        raise LorahubValueError(f"step must be positive, got {step}")
+    if start not in STARTS:
+        raise LorahubValueError(f"unknown start {start!r}. Available: {', '.join(STARTS)}")
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    """The options of the weight search, with LoraHub's defaults where it has one; the one place they are set.
+
+    :func:`search`, :func:`lorahub.api.compose`, the CLI flags and ``--config`` YAML keys
+    (:class:`lorahub.config.ComposeConfig` adds the rest) and the benchmark methods take their defaults here.
+
+    Args:
+        num_candidates: modules drawn at random from the library (LoraHub: 20).
+        budget: candidate evaluations (LoraHub: 40).
+        population: candidates scored per batch (CMA default: 4 + 3 ln N, at most budget/5).
+        optimizer: "cma" (CMA-ES) or "ngopt" (the reference's NGOpt, which runs Cobyla).
+        l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
+        lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
+        seed: seeds the choice of modules and the optimizer.
+        probe_singles: score the N single modules in one batch first, so the result is never worse than
+            the best of them (default: on, except for the reference optimizer "ngopt").
+        start: where CMA-ES starts: "best-probe" (the best single module; default) or "zero" (LoraHub).
+        step: CMA-ES's first step around the start, in weight units.
+        max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
+    """
+
+    num_candidates: int = field(default=20, metadata={"help": "modules drawn at random from the library"})
+    budget: int = field(default=40, metadata={"help": "candidate evaluations"})
+    population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
+    optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
+    lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
+    upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
+    seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
+    probe_singles: bool | None = field(default=None, metadata={
+        "help": "score each single module before the search (N extra evaluations; default: on except for ngopt)"})
+    start: str = field(default="best-probe", metadata={
+        "help": "CMA-ES start: best-probe (the best single module) or zero (LoraHub's start)"})
+    step: float = field(default=DEFAULT_STEP, metadata={"help": "CMA-ES's first step around the start, in weight units"})
+    max_rows: int = field(default=256, metadata={"help": "rows per forward pass (lower it if memory runs out)"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_candidates", "budget", "max_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LorahubValueError(f"`{name}` should be a positive integer, but the value passed is {getattr(self, name)!r}")
+        if self.population is not None and self.population < 1:
+            raise LorahubValueError(f"`population` should be a positive integer, but the value passed is {self.population!r}")
+        if self.population is not None and self.budget < self.population:
+            raise LorahubValueError(f"`budget` ({self.budget}) is smaller than `population` ({self.population}); raise the budget")
+        check_search_options(self.optimizer, self.start, self.bounds, self.step)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return (self.lower, self.upper)
+
+
 @dataclass
 class SearchResult:
     """Best weighting seen, its objective (loss + l1), its loss alone, and every evaluation in order."""
@@ -78,15 +146,15 @@ def search(
     score: ScoreFn,
     num_modules: int,
     *,
-    budget: int = 40,
-    population: int | None = None,
-    optimizer: str = "cma",
-    l1: float = 0.05,
-    bounds: tuple[float, float] = (-1.5, 1.5),
-    seed: int = 42,
+    budget: int = SearchConfig.budget,
+    population: int | None = SearchConfig.population,
+    optimizer: str = SearchConfig.optimizer,
+    l1: float = SearchConfig.l1,
+    bounds: tuple[float, float] = (SearchConfig.lower, SearchConfig.upper),
+    seed: int = SearchConfig.seed,
     probes: np.ndarray | None = None,
-    start: str = "best-probe",
-    step: float = DEFAULT_STEP,
+    start: str = SearchConfig.start,
+    step: float = SearchConfig.step,
     on_step: Callable[[int, SearchResult], None] | None = None,
 ) -> SearchResult:
     """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations.
@@ -107,21 +175,14 @@ def search(
     sampling distribution, for its own samples. Without probes the search starts at zero.
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
-    if optimizer not in OPTIMIZERS:
-        raise LorahubValueError(f"unknown optimizer {optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
+    check_search_options(optimizer, start, bounds, step)
     population = population or default_population(optimizer, num_modules, budget)
     lo, hi = bounds
-    if not lo < 0 < hi:
-        raise LorahubValueError(f"bounds must contain the start w=0 (lo < 0 < hi), got {bounds}")
     if population < 1:
         raise LorahubValueError(f"population must be at least 1, got {population}")
     if optimizer == "cma" and num_modules < 2:
         raise LorahubValueError(f"CMA-ES needs at least 2 candidate modules, got {num_modules}; "
                                 "raise num_candidates or use optimizer='ngopt'")
-    if not step > 0:
-        raise LorahubValueError(f"step must be positive, got {step}")
-    if start not in ("zero", "best-probe"):
-        raise LorahubValueError(f"unknown start {start!r}. Available: zero, best-probe")
     if optimizer == "cma" and population < 2:
         raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
     if budget < population:

@@ -7,15 +7,16 @@ no bias), shared by the projections that read the same input (Llama's q_proj and
 hidden state; projections of one parent with different in_features each get their own). Per token x::
 
     p = softmax(R x)                        # (N,)
-    w = top-k of p, renormalised to sum 1   # k = 1: Switch routing, w_e = p_e (keeps the router's gradient)
+    w = top-k of p, renormalised to sum 1   # k = 1: Switch routing, w_e = p_e (lorahub.mixlora.route)
     y = W x + Σ_{e ∈ top-k} w_e · s · B_e A_e x          # s = alpha / r
 
 Only the routers are trained (N·in weights per router: ~ N·hidden·layers in all); the base model and the
-modules stay frozen. The objective is the few-shot answer-token loss (:func:`lorahub.train.block_losses`)
-plus ``router_aux_loss_coef`` × the Switch load-balance loss (:func:`lorahub.mixlora.load_balance_loss`,
-padding excluded), averaged over the router calls of the forward pass. Full-batch AdamW, seeded, no dropout:
-deterministic. The router state with the lowest objective seen is kept (each step's objective is measured
-at the weights it starts from, and the final weights are measured once more).
+modules stay frozen. The objective is the few-shot answer-token loss (:func:`lorahub.evaluate.block_losses`:
+what the static search scores, soft-capping included) plus ``router_aux_loss_coef`` × the Switch load-balance
+loss (:func:`lorahub.mixlora.load_balance_loss`, padding excluded), averaged over the router calls of the
+forward pass. Full-batch AdamW, seeded, no dropout: deterministic. The router state with the lowest objective
+seen is kept (each step's objective is measured at the weights it starts from, and the final weights are
+measured once more).
 
 Why dense: the delta is computed for all N experts and masked by the gates, as two matmuls,
 ``((x @ A_catᵀ) ⊙ gates) @ B_cat`` with A_cat [N·r, in] and B_cat [N·r, out]. N·r (320 for 20 modules of
@@ -48,14 +49,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_dir, sha256_file
+from .files import atomic_dir, sha256_file
 from .data import Example, encode
 from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
+from .evaluate import block_losses
+from .loading import load_base_for, resolve_store, stack_for
+from .mixlora import load_balance_loss, route
 from .models import is_seq2seq
-from .store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS, ModuleStore, StackedModules
+from .export import card_text, check_output_dir, versions
+from .store import ModuleStore, StackedModules
+from .tables import markdown_table
+from .train import stable_seed
 
 CONFIG_FILE = "routed_config.json"
 WEIGHTS_FILE = "routers.safetensors"
@@ -141,24 +147,14 @@ def router_groups(model: nn.Module, stacked: StackedModules) -> dict[str, list[s
 def init_routers(model: nn.Module, groups: Mapping[str, Sequence[str]], num_experts: int, std: float,
                  seed: int) -> dict[str, torch.Tensor]:
     """fp32 router weights [N, in] ~ N(0, std²), each from a generator seeded by (seed, router name)."""
-    from .train import _stable_seed
-
     named = dict(model.named_modules())
     device = next(model.parameters()).device
     routers = {}
     for name, layers in groups.items():
-        gen = torch.Generator().manual_seed(_stable_seed(seed, name, "router"))
+        gen = torch.Generator().manual_seed(stable_seed(seed, name, "router"))
         w = torch.randn(num_experts, named[layers[0]].in_features, generator=gen) * std
         routers[name] = w.to(device)
     return routers
-
-
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., in), router [N, in] -> probs (..., N), top-k experts (..., k), gates (..., N) (0 off the top-k)."""
-    probs = F.softmax(x.to(router.dtype) @ router.T, dim=-1, dtype=torch.float32)  # (..., N)
-    top_p, top_i = probs.topk(top_k, dim=-1)  # (..., k)
-    w = top_p / top_p.sum(-1, keepdim=True) if top_k > 1 else top_p  # k=1: Switch, w = p
-    return probs, top_i, torch.zeros_like(probs).scatter(-1, top_i, w)
 
 
 def routed_delta(x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -214,7 +210,7 @@ class RoutingHooks:
         cached = self._cache.get(name)
         if cached is not None and cached[0] is x:  # the sibling projection of the same input
             return cached[1]
-        probs, top_i, gates = route(x, self.routers[name], self.top_k)
+        probs, top_i, gates = route(x, self.routers[name], self.top_k, dense=True)  # gates (..., N)
         if self.record:
             self.stats.append((name, probs, top_i, gates))
         self._cache[name] = (x, gates)
@@ -236,13 +232,11 @@ class RoutingHooks:
         Each call takes the first mask of ``masks`` with its (batch, tokens) shape (causal LMs: the attention
         mask; seq2seq: the encoder's or the decoder's mask, told apart by shape only).
         """
-        from .mixlora import load_balance_loss
-
         if not self.stats:
             raise LorahubValueError("no router statistics: run a forward pass with RoutingHooks(..., record=True) first")
         losses = []
         for _, probs, top_i, _ in self.stats:
-            mask = next((m for m in masks if m is not None and tuple(m.shape) == tuple(probs.shape[:-1])), None)
+            mask = _mask_of(masks, probs)
             losses.append(load_balance_loss(probs, top_i, self.num_experts, mask))
         return torch.stack(losses).mean()
 
@@ -250,12 +244,17 @@ class RoutingHooks:
         """Mean gate of each expert over the recorded calls' real tokens: (N,), sums to 1 (k>1)."""
         per_call = []
         for _, probs, _, gates in self.stats:
-            mask = next((m for m in masks if m is not None and tuple(m.shape) == tuple(probs.shape[:-1])), None)
+            mask = _mask_of(masks, probs)
             g = gates.reshape(-1, gates.shape[-1])
             if mask is not None:
                 g = g[mask.reshape(-1).bool()]
             per_call.append(g.mean(0))
         return torch.stack(per_call).mean(0)
+
+
+def _mask_of(masks: Sequence[torch.Tensor | None], probs: torch.Tensor) -> torch.Tensor | None:
+    """The first mask with the (batch, tokens) shape of a router call's probs (None: no padding to drop)."""
+    return next((m for m in masks if m is not None and tuple(m.shape) == tuple(probs.shape[:-1])), None)
 
 
 # -----------------------------------------------------------------------------
@@ -279,8 +278,6 @@ class RouterTraining:
 def train_routers(model: nn.Module, tokenizer: Any, stacked: StackedModules, examples: Sequence[Example],
                   config: RoutedConfig, *, seed: int, progress: bool = False) -> RouterTraining:
     """Learn the routers on ``examples`` (full batch, AdamW); base model and modules stay frozen."""
-    from .train import block_losses
-
     n_experts = config.num_experts(len(stacked))
     if config.top_k > n_experts:
         raise LorahubValueError(
@@ -303,9 +300,9 @@ def train_routers(model: nn.Module, tokenizer: Any, stacked: StackedModules, exa
     best: tuple[float, dict[str, torch.Tensor], float, list[float]] = (math.inf, {}, math.inf, [])
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=config.steps, desc="routed compose", unit="step")
+        bar = progress_bar(config.steps, "routed compose", unit="step")
     try:
         with RoutingHooks(model, stacked, routers, groups, config.top_k, record=True,
                           null_expert=config.null_expert) as hooks:
@@ -400,13 +397,7 @@ class RoutedComposition:
             self.merge()  # raises: input-dependent routing
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        if out.exists() and not (out / CONFIG_FILE).is_file() and any(out.iterdir()):
-            foreign = sorted(p.name for p in out.iterdir())
-            raise LorahubValueError(
-                f"output folder {out} exists and holds files lorahub did not write ({', '.join(foreign[:5])}); "
-                "choose an empty or new folder"
-            )
+        out = check_output_dir(out_dir, marker=CONFIG_FILE)
         groups = self.groups
         state = {n: w.detach().float().cpu().contiguous() for n, w in self.routers.items()}
         with atomic_dir(out) as tmp:
@@ -428,52 +419,27 @@ def _card(comp: RoutedComposition) -> str:
     r = comp.record
     usage = r.get("module_usage") or {}
     names = list(comp.stacked.names) + ([NULL_EXPERT] if comp.config.null_expert else [])
-    rows = "\n".join(f"| {n} | {usage.get(n, float('nan')):.3f} |" for n in names)
-    return f"""---
-base_model: {r.get('base_model')}
-tags:
-- lorahub
-- routed-lora
----
-# Routed LoRA composition
-
-{len(comp.stacked)} frozen LoRA modules with learnt per-layer top-{comp.config.top_k} routers
+    return card_text(
+        base_model=r.get("base_model"), tags=["lorahub", "routed-lora"], title="Routed LoRA composition",
+        description=f"""{len(comp.stacked)} frozen LoRA modules with learnt per-layer top-{comp.config.top_k} routers
 ({comp.num_router_params} router parameters, {comp.config.steps} AdamW steps on {r.get('num_examples')} examples,
 seed {r.get('router_seed')}). Few-shot loss {comp.loss:.4f} (base model {r.get('zero_weight_loss', float('nan')):.4f}).
-Routing is per token, so this is not a mergeable adapter: load it with `lorahub.routed.load_routed(folder)`.
-
-| module | mean gate on the few-shot tokens |
-| --- | --- |
-{rows}
-
-Made with:
-
-```
-{r.get('command') or '(Python API: lorahub.compose(..., method="routed"))'}
-```
-"""
+Routing is per token, so this is not a mergeable adapter: load it with `lorahub.routed.load_routed(folder)`.""",
+        table=markdown_table(["module", "mean gate on the few-shot tokens"],
+                             [(n, f"{usage.get(n, float('nan')):.3f}") for n in names]),
+        command=r.get("command") or '(Python API: lorahub.compose(..., method="routed"))',
+    )
 
 
 def module_files(store: ModuleStore, names: Sequence[str]) -> list[dict[str, Any]]:
     """Each module's name, location and weights sha256 (from the manifest, else hashed), for the record."""
-    out = []
-    for n in names:
-        spec = store.specs[n]
-        sha = spec.sha256
-        if not sha:
-            folder = store.local_path(n)
-            f = folder / SAFETENSORS_WEIGHTS
-            sha = sha256_file(f if f.is_file() else folder / LEGACY_WEIGHTS)
-        out.append({"name": n, "location": spec.location, "sha256": sha})
-    return out
+    return [{"name": n, "location": store.specs[n].location, "sha256": store.weights_sha256(n)} for n in names]
 
 
 def compose_routed(examples: Sequence[Example], store: ModuleStore, model: Any, tokenizer: Any, base_name: str,
                    stacked: StackedModules, config: RoutedConfig, *, seed: int, num_candidates: int,
                    progress: bool = False, command: str | None = None) -> RoutedComposition:
     """The routed path of :func:`lorahub.api.compose` (candidates already drawn and stacked)."""
-    from .export import versions
-
     router_seed = seed if config.seed is None else config.seed
     run = train_routers(model, tokenizer, stacked, examples, config, seed=router_seed, progress=progress)
     max_target = max(len(tokenizer(e.output, add_special_tokens=False).input_ids) for e in examples)
@@ -520,8 +486,6 @@ def load_routed(folder: str | os.PathLike, modules: Any = None, base_model: Any 
     """
     from safetensors.torch import load_file
 
-    from .api import _base, _stack, resolve_store
-
     folder = Path(folder)
     meta = read_routed_config(folder)
     names = [m["name"] for m in meta["modules"]]
@@ -529,7 +493,7 @@ def load_routed(folder: str | os.PathLike, modules: Any = None, base_model: Any 
     if store is None and meta.get("hub"):
         try:
             store = resolve_store(meta["hub"])
-        except LorahubFileError:  # a manifest outside hub_index/: fall back to the recorded module locations
+        except LorahubFileError:  # a manifest off the hub path: fall back to the recorded module locations
             store = None
     if store is None:
         store = ModuleStore(name=meta.get("hub"))
@@ -544,8 +508,9 @@ def load_routed(folder: str | os.PathLike, modules: Any = None, base_model: Any 
                 f"module {got['name']!r}: its weights have sha256 {got['sha256'][:12]}…, but {CONFIG_FILE} recorded "
                 f"{want['sha256'][:12]}…; the routers were learnt on another version of this module"
             )
-    model, tokenizer, base_name = _base(base_model if base_model is not None else meta.get("base_model"), store, device)
-    stacked = _stack(store, names, model, base_name)
+    model, tokenizer, base_name = load_base_for(base_model if base_model is not None else meta.get("base_model"), store,
+                                                device)
+    stacked = stack_for(store, names, model, base_name)
     wpath = folder / WEIGHTS_FILE
     if not wpath.is_file():
         raise LorahubFileError(f"{wpath} not found")

@@ -2,14 +2,17 @@
 
 A module is a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, or a
 legacy ``adapter_model.bin`` read with ``torch.load(weights_only=True)``). Modules are registered
-from local folders, Hugging Face hub ids (through ``huggingface_hub``, cached) or manifests in
-``hub_index/``. For composition the chosen modules are loaded once into stacked tensors per LoRA
-layer: A as [N, r, in], B as [N, out, r].
+from local folders, Hugging Face hub ids (through ``huggingface_hub``, cached) or manifests
+(``NAME.json``, found on :func:`hub_dirs`). For composition the chosen modules are loaded once into
+stacked tensors per LoRA layer: A as [N, r, in], B as [N, out, r].
+
+This module is also the one place that reads and writes manifests (:func:`read_manifest`,
+:func:`write_manifest`, :func:`upsert_entry`, :func:`add_to_manifest`) and finds a folder's weights file
+(:func:`weights_file`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -19,21 +22,36 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._io import hub_snapshot, sha256_file
+from .files import atomic_write_json, hub_snapshot, read_json, sha256_file
+from .compose import parse_lora_key
 from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 HUB_PREFIX = "hf://"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _UNSUPPORTED = ("use_dora", "use_rslora_if_needed")
 
 
-def hub_index_dirs() -> list[Path]:
-    """Folders searched for ``NAME.json`` manifests: ``$LORAHUB_HUB_INDEX`` (os.pathsep-separated), then the repo's."""
-    dirs = [Path(p) for p in os.environ.get("LORAHUB_HUB_INDEX", "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parent.parent / "hub_index"]
+PACKAGE_HUB_DIR = Path(__file__).resolve().parent / "hubs"  # the hubs shipped inside the package
+HUB_PATH_ENV = "LORAHUB_HUB_PATH"
+OLD_HUB_PATH_ENV = "LORAHUB_HUB_INDEX"  # the variable's former name, still read
+
+
+def hub_dirs() -> list[Path]:
+    """Folders searched for ``NAME.json`` manifests: ``$LORAHUB_HUB_PATH`` (os.pathsep-separated; else the
+    former ``$LORAHUB_HUB_INDEX``), then the package's own ``lorahub/hubs/``."""
+    env = os.environ.get(HUB_PATH_ENV) or os.environ.get(OLD_HUB_PATH_ENV, "")
+    return [Path(p) for p in env.split(os.pathsep) if p] + [PACKAGE_HUB_DIR]
+
+
+def weights_file(folder: str | os.PathLike) -> Path:
+    """The adapter weights of a PEFT folder: ``adapter_model.safetensors``, else the legacy ``adapter_model.bin``."""
+    folder = Path(folder)
+    for name in (SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise LorahubFileError(f"no {SAFETENSORS_WEIGHTS} or {LEGACY_WEIGHTS} in {folder}")
 
 
 def norm_base_name(name: str | None) -> str | None:
@@ -116,25 +134,21 @@ def read_module(path: str | os.PathLike, name: str | None = None, sha256: str | 
     name = name or path.name
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file() and (path / "mixlora_config.json").is_file():
-        from .mixlora import NOT_MERGEABLE
+        from .errors import NOT_MERGEABLE
 
         raise LorahubValueError(f"module {name!r}: {path} {NOT_MERGEABLE}; the composer takes plain LoRA modules only")
     if not cfg_file.is_file():
         raise LorahubFileError(f"module {name!r}: {cfg_file} is missing (a PEFT LoRA folder needs {ADAPTER_CONFIG})")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LorahubValueError(f"module {name!r}: {cfg_file} is not valid JSON ({e.msg})") from None
+    config = read_json(cfg_file, f"module {name!r}:")
     if str(config.get("peft_type", "LORA")).upper() != "LORA" or "r" not in config:
         raise LorahubValueError(f"module {name!r}: {cfg_file} is not a LoRA config (peft_type={config.get('peft_type')})")
     for key in _UNSUPPORTED:
         if config.get(key):
             raise LorahubValueError(f"module {name!r}: {key}=True is not supported; lorahub composes plain LoRA")
-    weights = path / SAFETENSORS_WEIGHTS
-    if not weights.is_file():
-        weights = path / LEGACY_WEIGHTS
-    if not weights.is_file():
-        raise LorahubFileError(f"module {name!r}: no {SAFETENSORS_WEIGHTS} or {LEGACY_WEIGHTS} in {path}")
+    try:
+        weights = weights_file(path)
+    except LorahubFileError as e:
+        raise LorahubFileError(f"module {name!r}: {e}") from None
     if sha256 and (got := sha256_file(weights)) != sha256:
         raise LorahubIntegrityError(
             f"module {name!r}: sha256 of {weights} is {got}, the manifest says {sha256}; "
@@ -151,13 +165,13 @@ def read_module(path: str | os.PathLike, name: str | None = None, sha256: str | 
         raise LorahubIntegrityError(f"module {name!r}: cannot read {weights} ({type(e).__name__}: {e})") from None
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        m = _KEY.match(key)
-        if not m:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise LorahubValueError(
                 f"module {name!r}: tensor {key!r} in {weights.name} is not a LoRA A/B matrix; "
                 "lorahub composes modules that hold only lora_A/lora_B weights"
             )
-        halves.setdefault(m["path"], {})[m["ab"]] = tensor.float()
+        halves.setdefault(parsed[0], {})[parsed[1]] = tensor.float()
     layers = {}
     r = int(config["r"])
     for layer, ab in sorted(halves.items()):
@@ -283,14 +297,9 @@ class ModuleStore:
 
     @classmethod
     def from_manifest(cls, manifest: str | os.PathLike) -> "ModuleStore":
-        """Load a manifest file, or a hub name looked up as ``NAME.json`` in :func:`hub_index_dirs`."""
+        """Load a manifest file, or a hub name looked up as ``NAME.json`` in :func:`hub_dirs`."""
         path = resolve_manifest(manifest)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LorahubValueError(f"manifest {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
-            raise LorahubValueError(f"manifest {path} needs a 'modules' list")
+        data = read_manifest(path)
         defaults = {k: data.get(k) for k in ("base_model", "rank", "alpha", "target_modules")}
         store = cls(base_model=data.get("base_model"), name=data.get("name", path.stem))
         known = {"name", "location", "task", "base_model", "rank", "alpha", "target_modules", "sha256"}
@@ -329,6 +338,10 @@ class ModuleStore:
             self._loaded[name] = module
         return self._loaded[name]
 
+    def weights_sha256(self, name: str) -> str:
+        """The module's weights sha256: the manifest's, else hashed from its (possibly downloaded) folder."""
+        return self._spec(name).sha256 or sha256_file(weights_file(self.local_path(name)))
+
     def verify(self, names: Sequence[str] | None = None) -> list[tuple[str, str | None]]:
         """Load each module (checking sha256 and shapes); return (name, error message or None)."""
         out = []
@@ -364,14 +377,66 @@ class ModuleStore:
 
 
 def resolve_manifest(manifest: str | os.PathLike) -> Path:
+    """A manifest file as given, else ``NAME.json`` in the first of :func:`hub_dirs` that has it."""
     p = Path(manifest)
     if p.is_file():
         return p
-    for d in hub_index_dirs():
+    dirs = hub_dirs()
+    for d in dirs:
         if (d / f"{manifest}.json").is_file():
             return d / f"{manifest}.json"
-    names = sorted({f.stem for d in hub_index_dirs() if d.is_dir() for f in d.glob("*.json")})
-    raise LorahubFileError(f"unknown hub {str(manifest)!r}: no such manifest file, and no {manifest}.json in hub_index. Available: {', '.join(names) or '(none)'}")
+    names = sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.json")})
+    raise LorahubFileError(
+        f"unknown hub {str(manifest)!r}: no such manifest file, and no {manifest}.json in the hub path "
+        f"({os.pathsep.join(map(str, dirs))}; ${HUB_PATH_ENV} adds folders). Available: {', '.join(names) or '(none)'}"
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A manifest's JSON object; errors name the file (and the line of a JSON syntax error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorahubFileError(f"manifest {path} not found")
+    data = read_json(path, "manifest")
+    if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
+        raise LorahubValueError(f"manifest {path} needs a 'modules' list")
+    return data
+
+
+def write_manifest(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write a manifest atomically: a kill never leaves half a manifest."""
+    atomic_write_json(path, data)
+
+
+def upsert_entry(path: str | os.PathLike, entry: dict[str, Any], **header: Any) -> None:
+    """Add or replace the module entry of the same name; header keys fill the manifest's top level if unset.
+
+    A manifest that does not exist yet is created, named after its file."""
+    path = Path(path)
+    data = read_manifest(path) if path.is_file() else {"name": path.stem, "modules": []}
+    for k, v in header.items():
+        data.setdefault(k, v)
+    data["modules"] = [m for m in data["modules"] if m.get("name") != entry["name"]] + [entry]
+    write_manifest(path, data)
+
+
+def add_to_manifest(manifest: str | os.PathLike, location: str, *, name: str | None = None,
+                    task: str | None = None) -> dict[str, Any]:
+    """Describe a local PEFT LoRA folder (rank, alpha, targets, base, sha256), or a hub id, in ``manifest``."""
+    manifest = Path(manifest)
+    if location.startswith(HUB_PREFIX):
+        entry = {"name": name or location.rsplit("/", 1)[-1], "location": location, "task": task}
+    else:
+        folder = Path(location).resolve()
+        module = read_module(folder, name)
+        entry = {
+            "name": name or folder.name, "location": os.path.relpath(folder, manifest.resolve().parent),
+            "task": task, "base_model": module.base_model, "rank": module.rank, "alpha": module.alpha,
+            "target_modules": sorted({l.rsplit(".", 1)[-1] for l in module.layers}),
+            "sha256": sha256_file(weights_file(folder)),
+        }
+    upsert_entry(manifest, {k: v for k, v in entry.items() if v is not None})
+    return entry
 
 
 def _download(repo_id: str, what: str) -> Path:

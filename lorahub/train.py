@@ -3,7 +3,7 @@
 One readable loop (nanoGPT's ``train.py`` shape): :func:`train_modules` samples a batch of each task,
 runs them through the frozen base in ONE forward pass where each task's rows go through that task's
 own adapter, and takes one AdamW step for all adapters. The loss is on answer tokens only
-(:func:`lorahub.data.encode`).
+(:func:`lorahub.data.encode`), per task: :func:`lorahub.evaluate.block_losses`, the evaluator's loss.
 
 Why our own LoRA layers rather than PEFT's: PEFT holds many adapters per model, but its mixed batch
 (``adapter_names=`` / ``_mixed_batch_forward``) is an inference path, and during training only the
@@ -37,12 +37,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .compose import delta_weights as layers_delta_weights
+from .compose import peft_state_dict
 from .data import Example, encode
 from .errors import LorahubValueError
+from .evaluate import block_losses
 from .models import is_seq2seq
+from .store import ADAPTER_CONFIG, LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
 
 TRAIN_REPORT = "lorahub_train.json"  # config snapshot + quality report, saved beside the adapter
 
@@ -159,7 +162,8 @@ class MultiLoraLinear(nn.Module):
         return a.clone(), b.clone()
 
 
-def _stable_seed(*parts: Any) -> int:
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from names (hashlib, not ``hash``): the same in every process, whatever else is trained."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") % (2**63)
 
 
@@ -191,7 +195,7 @@ def attach_adapters(model: nn.Module, names: Sequence[str], config: TrainConfig)
         layers[path] = layer
     with torch.no_grad():
         for i, name in enumerate(names):
-            gen = torch.Generator().manual_seed(_stable_seed(config.seed, name, "init"))
+            gen = torch.Generator().manual_seed(stable_seed(config.seed, name, "init"))
             for layer in layers.values():  # fixed layer order: model order
                 _uniform_(layer.lora_A[i], 1 / math.sqrt(layer.lora_A.shape[-1]), gen)
                 if layer.lora_M is not None:
@@ -216,40 +220,6 @@ def adapters_disabled(layers: Mapping[str, MultiLoraLinear]) -> Iterator[None]:
             layer.enabled = True
 
 
-# -----------------------------------------------------------------------------
-# loss
-
-
-def block_losses(model: nn.Module, batch: Any, n_blocks: int, seq2seq: bool) -> torch.Tensor:
-    """Mean answer-token cross-entropy of each of the ``n_blocks`` equal row blocks: shape (n_blocks,).
-
-    Causal LMs: the LM head runs only on positions that predict an answer token (a few per row),
-    not on the whole sequence, which saves most of the head's cost and memory on a 49k vocabulary.
-    """
-    if seq2seq:
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            labels=batch.labels, decoder_attention_mask=batch.decoder_attention_mask,
-        ).logits  # (N, L, V)
-        labels = batch.labels
-    else:
-        body = getattr(model, model.base_model_prefix)
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (N, T, H)
-        labels = batch.labels[:, 1:]  # position t predicts token t+1
-        hidden = hidden[:, :-1]
-        keep = labels != -100  # (N, T-1)
-        logits = model.get_output_embeddings()(hidden[keep])  # (K, V)
-        tok_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (K,)
-        rows = keep.nonzero()[:, 0] // (labels.shape[0] // n_blocks)  # block of each kept token
-        sums = torch.zeros(n_blocks, device=tok_loss.device).index_add(0, rows, tok_loss)
-        counts = torch.bincount(rows, minlength=n_blocks).clamp_min(1)
-        return sums / counts
-    tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
-    tok = tok.view(n_blocks, -1)
-    cnt = (labels != -100).view(n_blocks, -1).sum(1).clamp_min(1)
-    return tok.sum(1) / cnt
-
-
 def get_lr(step: int, config: TrainConfig) -> float:
     """nanoGPT's schedule: 1) linear warm-up, 2) cosine decay to lr/10 at the last step."""
     if step < config.warmup_steps:  # 1) warm-up
@@ -260,11 +230,11 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return config.lr / 10 + coeff * (config.lr - config.lr / 10)
 
 
-class _Sampler:
+class EpochSampler:
     """Endless seeded epochs over one task's examples; the stream depends only on (seed, task)."""
 
     def __init__(self, examples: Sequence[Example], seed: int, name: str):
-        self.examples, self.rng, self.order = list(examples), random.Random(_stable_seed(seed, name, "data")), []
+        self.examples, self.rng, self.order = list(examples), random.Random(stable_seed(seed, name, "data")), []
 
     def take(self, k: int) -> list[Example]:
         out = []
@@ -318,21 +288,21 @@ def train_modules(
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
     n = len(names)
-    torch.manual_seed(_stable_seed(config.seed, *names, "dropout"))
+    torch.manual_seed(stable_seed(config.seed, *names, "dropout"))
     model.requires_grad_(False)
     layers = attach_adapters(model, names, config)
     params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B, layer.lora_M) if p is not None]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
-    samplers = [_Sampler(tasks[nm], config.seed, nm) for nm in names]
+    samplers = [EpochSampler(tasks[nm], config.seed, nm) for nm in names]
     losses: list[list[float]] = [[] for _ in names]
     was_training = model.training
     model.train()
     t0 = time.time()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=config.steps, desc=f"train {names[0]}" + (f" +{n - 1}" if n > 1 else ""), unit="step", leave=False)
+        bar = progress_bar(config.steps, f"train {names[0]}" + (f" +{n - 1}" if n > 1 else ""), unit="step")
     try:
         for step in range(config.steps):
             lr = get_lr(step, config)
@@ -373,24 +343,21 @@ def train_modules(
 # saving
 
 
+SAVE_DTYPE = torch.float16  # modules are saved in fp16
+
+
 def delta_weights(module: TrainedModule, config: TrainConfig) -> dict[str, torch.Tensor]:
     """ΔW = B·A·scaling per layer, from the fp16-rounded tensors that :func:`save_module` writes."""
-    return {
-        p: (b.half().float() @ a.half().float()) * config.scaling for p, (a, b) in module.layers.items()
-    }
+    return layers_delta_weights(module.layers, config.scaling, dtype=SAVE_DTYPE)
 
 
 def peft_config_dict(config: TrainConfig, base_model_name: str, seq2seq: bool) -> dict[str, Any]:
-    from peft import LoraConfig
+    """The module's full PEFT LoraConfig dict, as ``LoraConfig.save_pretrained`` writes it."""
+    from .export import lora_config, task_type
 
-    cfg = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
-        base_model_name_or_path=base_model_name,
-    )
-    d = cfg.to_dict()
-    d["target_modules"] = sorted(d["target_modules"])
-    return json.loads(json.dumps(d, default=lambda o: o.value if hasattr(o, "value") else str(o)))
+    fields = {"r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+              "target_modules": list(config.target_modules)}
+    return lora_config(fields, complete=True, task_type=task_type(seq2seq), base_model_name_or_path=base_model_name)
 
 
 def save_module(
@@ -410,20 +377,17 @@ def save_module(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for path, (a, b) in module.layers.items():
-        state[f"base_model.model.{path}.lora_A.weight"] = a.detach().to("cpu", torch.float16).contiguous()
-        state[f"base_model.model.{path}.lora_B.weight"] = b.detach().to("cpu", torch.float16).contiguous()
-    (folder / "adapter_config.json").write_text(
+    state = peft_state_dict(module.layers, dtype=SAVE_DTYPE, device="cpu")
+    (folder / ADAPTER_CONFIG).write_text(
         json.dumps(peft_config_dict(config, base_model_name, seq2seq), indent=2) + "\n", encoding="utf-8"
     )
     if legacy_bin:
-        weights = folder / "adapter_model.bin"
+        weights = folder / LEGACY_WEIGHTS
         torch.save(state, weights)
     else:
         from safetensors.torch import save_file
 
-        weights = folder / "adapter_model.safetensors"
+        weights = folder / SAFETENSORS_WEIGHTS
         save_file(state, str(weights), metadata={"format": "pt"})
     snapshot = {"task": module.name, "config": config.to_dict(), "base_model": base_model_name,
                 "losses": [round(v, 5) for v in module.losses], **(report or {})}

@@ -187,3 +187,19 @@ def test_probes_make_result_no_worse_than_best_single(tiny_llama, llama_modules)
     assert len(singles) == 4 and comp.objective <= min(singles)
     ref = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, optimizer="ngopt", progress=False)
     assert not any(h.get("probe") for h in ref.history) and len(ref.history) == 4 and "Cobyla" in ref.record["optimizer"]
+
+
+def test_compose_refuses_a_foreign_out_dir_before_the_search(tiny_llama, llama_modules, tmp_path):
+    """best_weights.json, written during the search, must never land in a folder lorahub did not make."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    steps = []
+    with pytest.raises(LorahubValueError, match="holds files lorahub did not write"):
+        compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=4, population=4, progress=False,
+                out_dir=mine, on_step=lambda done, best: steps.append(done))
+    assert steps == [] and [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "precious"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LorahubValueError, match="is a file"):
+        compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=4, progress=False, out_dir=tmp_path / "file")

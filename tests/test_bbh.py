@@ -14,7 +14,7 @@ from lorahub.cli import main
 from lorahub.errors import LorahubValueError
 from lorahub.metrics import exact_match
 
-VENDORED = Path(__file__).resolve().parents[1] / "benchmarks" / "bbh" / "data"
+VENDORED = Path(__file__).resolve().parents[1] / "lorahub" / "bench" / "data"
 
 
 # -- protocol -------------------------------------------------------------------------------------

@@ -152,3 +152,34 @@ def test_default_population_keeps_five_generations_within_the_budget():
     sizes = []
     search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=None)
     assert sizes == [8] * 5
+
+
+def test_search_config_is_the_one_place_of_the_search_defaults():
+    import inspect
+    from dataclasses import fields
+
+    from lorahub.api import compose
+    from lorahub.config import ComposeConfig
+    from lorahub.optimize import DEFAULT_STEP, SearchConfig
+
+    cfg = SearchConfig()
+    assert (cfg.num_candidates, cfg.budget, cfg.population, cfg.optimizer, cfg.l1, cfg.bounds, cfg.seed,
+            cfg.probe_singles, cfg.start, cfg.step, cfg.max_rows) == (20, 40, None, "cma", 0.05, (-1.5, 1.5), 42,
+                                                                       None, "best-probe", DEFAULT_STEP, 256)
+    assert all(f.metadata.get("help") for f in fields(SearchConfig))
+    for fn in (search, compose):
+        params = inspect.signature(fn).parameters
+        for f in fields(SearchConfig):
+            if f.name in params:
+                assert params[f.name].default == f.default, (fn.__name__, f.name)
+        assert params["bounds"].default == cfg.bounds
+    composed = ComposeConfig(examples="e.jsonl", out="o")
+    assert isinstance(composed, SearchConfig) and composed.budget == cfg.budget
+    for bad, msg in [({"budget": 0}, "`budget` should be a positive integer"),
+                     ({"budget": 4, "population": 8}, r"`budget` \(4\) is smaller than `population` \(8\)"),
+                     ({"optimizer": "adam"}, "unknown optimizer 'adam'"), ({"lower": 0.5}, "bounds must contain"),
+                     ({"step": 0}, "step must be positive, got 0"), ({"start": "middle"}, "unknown start 'middle'")]:
+        with pytest.raises(LorahubValueError, match=msg):
+            SearchConfig(**bad)
+        with pytest.raises(LorahubValueError, match=msg):
+            ComposeConfig(examples="e.jsonl", out="o", **bad)

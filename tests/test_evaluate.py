@@ -127,3 +127,82 @@ def test_length_groups_cut_padding_and_keep_the_loss(tiny_llama, llama_modules):
     lengths = torch.tensor([[1] * n + [0] * (10 - n) for n in (3, 10, 10, 4)])
     parts = split_by_length(type(full)(lengths, lengths, lengths))
     assert [p.attention_mask.sum(1).tolist() for p in parts] == [[3], [4], [10, 10]]
+
+
+LONG_PREFIX = ("You are given a short question about everyday objects. Read the whole instruction before you answer, "
+               "think about each object in turn, and answer with one word only. ") * 3
+
+
+@pytest.mark.parametrize("length_groups", [True, False])
+def test_shared_prefix_path_equals_plain_path_and_peft(tiny_llama, llama_modules, length_groups):
+    """The prompt prefix all examples share runs once per candidate: same losses as running it for every example."""
+    model, tok = tiny_llama
+    stacked = _stack(model, llama_modules)
+    examples = [{"input": LONG_PREFIX + "\nQ: " + q + "\nA:", "output": a} for q, a in
+                [("Is a spoon metal?", "yes"), ("Is " + "a very long question " * 6 + "?", "no"),
+                 ("Is ice cold?", "yes"), ("Can a cat fly?", "no"), ("Is " + "a long question " * 4 + "?", "maybe not")]]
+    W = torch.randn(6, len(stacked), generator=torch.Generator().manual_seed(7))
+    W[0] = 0
+    with PopulationEvaluator(model, tok, stacked, as_examples(examples), length_groups=length_groups) as ev:
+        shared, k = ev.score(W), ev.prefix_len
+    with PopulationEvaluator(model, tok, stacked, as_examples(examples), length_groups=length_groups,
+                             min_prefix=0) as ev:
+        plain = ev.score(W)
+        assert ev.prefix_len == 0
+    assert k >= 64  # the long instruction (and "\nQ: Is") is shared
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    for p in (0, 3):
+        assert shared[p].item() == pytest.approx(peft_loss(model, tok, stacked, W[p], examples), rel=1e-4)
+    with PopulationEvaluator(model, tok, stacked, as_examples(examples), max_rows=10) as ev:  # 2 candidates a chunk
+        torch.testing.assert_close(ev.score(W), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_prefix_never_reaches_the_answer(tokenizer):
+    from lorahub.evaluate import prompt_prefix_length
+
+    same = [{"input": "Q: the same prompt for both rows\nA:", "output": o} for o in ("yes", "no")]
+    batch = encode(tokenizer, as_examples(same), seq2seq=False)
+    k = prompt_prefix_length(batch, 1)
+    first_target = int((batch.labels[0] != -100).nonzero()[0])
+    assert k == first_target - 1  # the last prompt token stays with each row: it predicts the first answer token
+    assert prompt_prefix_length(batch, first_target) == 0  # below min_length: the plain path
+
+
+def test_soft_capped_loss_is_one_objective(tiny_llama, llama_modules):
+    """final_logit_softcapping (Gemma 2): the evaluator, routed composition and the trainer take the same
+    capped loss, equal to an independent tanh-capped cross-entropy over the full logits."""
+    import torch.nn.functional as F
+
+    from lorahub.compose import delta_weights
+    from lorahub.evaluate import block_losses
+    from lorahub.generate import merged_into
+    from lorahub.routed import RoutedConfig, train_routers
+    from lorahub.train import TrainConfig, train_modules
+
+    model, tok = tiny_llama
+    cap = model.config.final_logit_softcapping = 0.05  # Llama's forward ignores it; the loss must not
+    examples = as_examples(EXAMPLES)
+    stacked = _stack(model, llama_modules[:1])  # one module: routed with top-1 and no zero expert gates it by 1
+    batch = encode(tok, examples, seq2seq=False)
+
+    def independent(capped: bool = True) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        if capped:
+            logits = torch.tanh(logits / cap) * cap
+        return float(F.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100))
+
+    base = independent()
+    with merged_into(model, delta_weights(composed_layers(stacked, torch.ones(1)), stacked.scaling)):
+        one = independent()
+    assert abs(base - independent(capped=False)) > 0.01  # the cap matters (random logits are small)
+    with PopulationEvaluator(model, tok, stacked, examples) as ev:
+        static = ev.score([[0.0], [1.0]])
+    run = train_routers(model, tok, stacked, examples, RoutedConfig(steps=1, top_k=1, null_expert=False), seed=0)
+    trained = train_modules(model, tok, {"t": examples}, TrainConfig(steps=1, batch_size=len(examples)), progress=False)
+    with torch.no_grad():
+        blocks = block_losses(model, batch.repeat(2), 2, False)
+    for got in (static[0].item(), run.zero_weight_loss, trained["t"].losses[0], *blocks.tolist()):  # B = 0 at step 0
+        assert got == pytest.approx(base, rel=1e-5)
+    for got in (static[1].item(), run.loss, run.history[0]["loss"]):
+        assert got == pytest.approx(one, rel=1e-5)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorahub.generate import generate, shared_prefix_length
+from lorahub.data import shared_prefix_length
+from lorahub.generate import generate
 
 PREFIX = "Answer with one word.\n\nQ: red or blue?\nA: red\n\nQ: cat or dog?\nA: dog\n\nQ: "
 QUESTIONS = ["up or down?", "a much longer question about left, right, or the middle of it?", "yes?", "one or two?",

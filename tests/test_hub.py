@@ -16,7 +16,7 @@ import torch
 
 from lorahub import hub as hub_mod
 from lorahub.hub import BUILD_LOG, build_hub, flan_t5_large_manifest, format_table, hub_report
-from lorahub.store import ModuleStore
+from lorahub.store import PACKAGE_HUB_DIR, ModuleStore
 from lorahub.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +155,42 @@ def test_flan_t5_manifest_parses(tmp_path):
     spec = store.specs["flan_t5_large-ag_news_subset"]
     assert spec.location == "hf://lorahub/flan_t5_large-ag_news_subset"
     assert (spec.base_model, spec.rank, spec.alpha, spec.target_modules) == ("google/flan-t5-large", 16, 32, ["q", "v"])
-    shipped = REPO / "hub_index" / "lorahub-flan-t5-large.json"
-    if shipped.is_file():
-        store = ModuleStore.from_manifest(shipped)
-        assert len(store) == 196 and json.loads(shipped.read_text())["model_type"] == "seq2seq"
+    shipped = PACKAGE_HUB_DIR / "lorahub-flan-t5-large.json"
+    store = ModuleStore.from_manifest("lorahub-flan-t5-large")  # found by name on the hub path
+    assert len(store) == 196 and json.loads(shipped.read_text())["model_type"] == "seq2seq"
+
+
+def test_save_module_rewrites_a_shipped_module_byte_for_byte(tmp_path):
+    """The hub build resumes with the current code: a module saved from a shipped module's own tensors,
+    config and record must have the same bytes (and the sha256 its manifest entry recorded)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from lorahub.compose import parse_lora_key
+    from lorahub.store import read_manifest
+    from lorahub.train import TrainedModule, save_module
+
+    manifest = PACKAGE_HUB_DIR / "smollm2-135m-bigbench.json"
+    entry = read_manifest(manifest)["modules"][0]
+    src = manifest.parent / entry["location"]
+    shipped_cfg = json.loads((src / "adapter_config.json").read_text())
+    import peft
+
+    if shipped_cfg.get("peft_version") != peft.__version__:
+        pytest.skip(f"the hub was saved with peft {shipped_cfg.get('peft_version')}, this is {peft.__version__}")
+    record = json.loads((src / "lorahub_train.json").read_text())
+    halves: dict = {}
+    for key, t in load_file(str(src / "adapter_model.safetensors")).items():
+        assert t.dtype == torch.float16
+        layer, half = parse_lora_key(key)
+        halves.setdefault(layer, {})[half] = t.float()  # fp16 -> fp32 -> fp16 is exact
+    module = TrainedModule(record["task"], {l: (ab["A"], ab["B"]) for l, ab in halves.items()}, record["losses"], 0.0)
+    report = {k: v for k, v in record.items() if k not in ("task", "config", "base_model", "losses")}
+    weights = save_module(tmp_path / "m", module, TrainConfig(**record["config"]), base_model_name=record["base_model"],
+                          seq2seq=False, report=report)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry["sha256"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lorahub_train.json"):
+        assert (tmp_path / "m" / name).read_bytes() == (src / name).read_bytes(), name
+    keys = sorted(load_file(str(weights)))
+    assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 2 * len(halves)

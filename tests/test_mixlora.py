@@ -189,7 +189,7 @@ def test_corrupted_files(tmp_path):
         load_mixlora(tiny_model_and_tokenizer()[0], folder)
     w.write_bytes(b"not a safetensors file")  # unreadable, with a matching sha256
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    from lorahub._io import sha256_file
+    from lorahub.files import sha256_file
 
     meta["weights"]["sha256"] = sha256_file(w)
     (folder / CONFIG_FILE).write_text(json.dumps(meta))

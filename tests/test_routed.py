@@ -11,6 +11,7 @@ from lorahub import compose, from_weights
 from lorahub.compose import delta_weights
 from lorahub.data import as_examples, encode
 from lorahub.errors import LorahubIntegrityError, LorahubValueError
+from lorahub.evaluate import block_losses
 from lorahub.generate import generate, merged_into
 from lorahub.routed import (
     CONFIG_FILE, WEIGHTS_FILE, RoutedComposition, RoutedConfig, RoutingHooks, load_routed, router_groups,
@@ -150,8 +151,6 @@ def test_training_lowers_loss_and_touches_only_routers(trained, tiny_llama, llam
         for l, (a, b) in read_module(p).layers.items():
             assert torch.equal(comp.stacked.A[l][i], a) and torch.equal(comp.stacked.B[l][i], b)
     # the recorded loss is the loss of the kept routers
-    from lorahub.train import block_losses
-
     batch = encode(tok, as_examples(EXAMPLES), seq2seq=False)
     with comp.routing(), torch.no_grad():
         assert float(block_losses(model, batch, 1, False)[0]) == pytest.approx(comp.loss, rel=1e-5)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from lorahub.errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
-from lorahub.manifest import add_to_manifest
-from lorahub.store import ModuleStore, read_module
+from lorahub.store import ModuleStore, add_to_manifest, read_module
 
 from conftest import make_module
 
@@ -133,3 +133,60 @@ def test_bad_manifest(tmp_path):
     bad.write_text(json.dumps({"modules": [{"name": "x"}]}))
     with pytest.raises(LorahubValueError, match=r"modules\[0\] needs 'name' and 'location'"):
         ModuleStore.from_manifest(bad)
+
+
+def test_hub_path_env_then_package(monkeypatch, tmp_path):
+    from lorahub.store import PACKAGE_HUB_DIR, hub_dirs, resolve_manifest
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "b" / "mine.json").write_text(json.dumps({"name": "mine", "modules": []}))
+    monkeypatch.delenv("LORAHUB_HUB_INDEX", raising=False)
+    monkeypatch.setenv("LORAHUB_HUB_PATH", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    assert hub_dirs() == [tmp_path / "a", tmp_path / "b", PACKAGE_HUB_DIR]
+    assert resolve_manifest("mine") == tmp_path / "b" / "mine.json"
+    assert resolve_manifest("smollm2-135m-bigbench") == PACKAGE_HUB_DIR / "smollm2-135m-bigbench.json"
+    monkeypatch.delenv("LORAHUB_HUB_PATH")
+    monkeypatch.setenv("LORAHUB_HUB_INDEX", str(tmp_path / "b"))  # the former name still works
+    assert resolve_manifest("mine") == tmp_path / "b" / "mine.json"
+    monkeypatch.delenv("LORAHUB_HUB_INDEX")
+    assert hub_dirs() == [PACKAGE_HUB_DIR]
+    with pytest.raises(LorahubFileError, match=r"unknown hub 'mine'.*LORAHUB_HUB_PATH.*Available: .*smollm2-135m-bigbench"):
+        resolve_manifest("mine")
+
+
+def test_weights_file_prefers_safetensors_and_names_the_folder(llama_modules, tmp_path):
+    from lorahub.store import weights_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(llama_modules[0], folder)
+    assert weights_file(folder) == folder / "adapter_model.safetensors"
+    (folder / "adapter_model.bin").write_bytes(b"x")
+    assert weights_file(folder) == folder / "adapter_model.safetensors"
+    (folder / "adapter_model.safetensors").unlink()
+    assert weights_file(folder) == folder / "adapter_model.bin"
+    (folder / "adapter_model.bin").unlink()
+    with pytest.raises(LorahubFileError, match=f"no adapter_model.safetensors or adapter_model.bin in {folder}"):
+        weights_file(folder)
+
+
+def test_manifest_read_write_upsert(llama_modules, tmp_path):
+    from lorahub.files import sha256_file
+    from lorahub.store import read_manifest, upsert_entry
+
+    path = tmp_path / "hubs" / "h.json"
+    with pytest.raises(LorahubFileError, match=r"manifest .*h.json not found"):
+        read_manifest(path)
+    upsert_entry(path, {"name": "a", "location": "x"}, base_model="b")
+    upsert_entry(path, {"name": "c", "location": "y"}, base_model="other")  # header keys only fill what is unset
+    upsert_entry(path, {"name": "a", "location": "z"})
+    data = read_manifest(path)
+    assert data["name"] == "h" and data["base_model"] == "b"
+    assert [(m["name"], m["location"]) for m in data["modules"]] == [("c", "y"), ("a", "z")]
+    path.write_text('{"modules": [\n  {"name": "a",}\n]}')
+    with pytest.raises(LorahubValueError, match=r"manifest .*h.json is not valid JSON \(.* at line 2\)"):
+        read_manifest(path)
+    entry = add_to_manifest(tmp_path / "m.json", str(llama_modules[1]))
+    store = ModuleStore.from_manifest(tmp_path / "m.json")
+    assert store.weights_sha256("mod1") == entry["sha256"] == sha256_file(llama_modules[1] / "adapter_model.safetensors")
+    assert _store(llama_modules[1]).weights_sha256("mod1") == entry["sha256"]  # no manifest: hashed

@@ -11,12 +11,12 @@ import torch
 
 from lorahub.data import Example, encode
 from lorahub.errors import LorahubValueError
+from lorahub.evaluate import block_losses
 from lorahub.store import read_module
 from lorahub.train import (
     TrainConfig,
     adapters_disabled,
     attach_adapters,
-    block_losses,
     delta_weights,
     detach_adapters,
     save_module,

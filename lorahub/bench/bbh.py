@@ -1,6 +1,6 @@
 """BIG-Bench Hard with LoraHub's protocol: the data, the split and the prompts (no model here).
 
-Data layout (``benchmarks/bbh/data/``, vendored from suzgunmirac/BIG-Bench-Hard, MIT; or ``--data-dir``)::
+Data layout (``lorahub/bench/data/``, package data, vendored from suzgunmirac/BIG-Bench-Hard, MIT; or ``--data-dir``)::
 
     <task>.json           {"canary": ..., "examples": [{"input": str, "target": str}, ...]}
     task_prefixes.json    {task: one-line description}
@@ -27,7 +27,7 @@ from pathlib import Path
 from ..data import Example, qa_prompt
 from ..errors import LorahubFileError, LorahubValueError
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "bbh" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"  # lorahub/bench/data, shipped as package data
 PREFIXES_FILE = "task_prefixes.json"
 PROTOCOL_VERSION = 1  # bump when the split, the prompts or the metric change: old results are then refused
 SHOTS = 5  # LoraHub's learning examples per task
@@ -75,7 +75,7 @@ class TaskSplit:
 def data_dir_or_default(data_dir: str | os.PathLike | None) -> Path:
     path = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
     if not (path / PREFIXES_FILE).is_file():
-        hint = "" if data_dir else " (the vendored copy lives in the repository's benchmarks/bbh/data; pass --data-dir)"
+        hint = "" if data_dir else " (the vendored copy ships inside the package as lorahub/bench/data; pass --data-dir)"
         raise LorahubFileError(f"BBH data folder {path} has no {PREFIXES_FILE}{hint}")
     return path
 

@@ -34,11 +34,11 @@ from typing import Any, Callable
 
 import torch
 
-from .._io import sha256_file
+from ..files import sha256_file
 from ..data import as_examples, format_example
 from ..errors import LorahubValueError
 from ..metrics import exact_match
-from ..optimize import DEFAULT_STEP
+from ..optimize import SearchConfig
 from .bbh import TaskSplit
 
 
@@ -121,7 +121,7 @@ class Worker:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from ..api import resolve_store
+            from ..loading import resolve_store
 
             self._store = resolve_store(self.hub)
         return self._store
@@ -247,8 +247,8 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     t0 = time.perf_counter()
     comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
                    num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
-                   optimizer=spec["optimizer"], l1=spec.get("l1", 0.05), probe_singles=spec.get("probe_singles"),
-                   start=spec.get("start", "zero"), step=spec.get("step", DEFAULT_STEP), seed=seed, progress=worker.progress)
+                   optimizer=spec["optimizer"], l1=spec.get("l1", SearchConfig.l1), probe_singles=spec.get("probe_singles"),
+                   start=spec.get("start", "zero"), step=spec.get("step", SearchConfig.step), seed=seed, progress=worker.progress)
     r = comp.record
     return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
                     {"weights": comp.weights, "loss": comp.loss, "zero_weight_loss": r["zero_weight_loss"],
@@ -296,7 +296,8 @@ def adapter_method(path: str | os.PathLike) -> Method:
     base, or a MixLoRA folder (``lorahub train --method mixlora``) run with its routers (not mergeable)."""
     from ..mixlora import WEIGHTS_FILE as MIXLORA_WEIGHTS
     from ..mixlora import is_mixlora_folder, read_mixlora_config
-    from ..store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
+    from ..errors import LorahubFileError
+    from ..store import weights_file
 
     folder = Path(path).resolve()
     if is_mixlora_folder(folder):
@@ -307,12 +308,10 @@ def adapter_method(path: str | os.PathLike) -> Method:
         return Method(ADAPTER_PREFIX + folder.name, _mixlora_adapter,
                       spec={"path": str(folder), "sha256": sha256_file(weights), "kind": "mixlora"},
                       label=f"MixLoRA {folder.name}")
-    weights = folder / SAFETENSORS_WEIGHTS
-    if not weights.is_file():
-        weights = folder / LEGACY_WEIGHTS
-    if not weights.is_file():
-        raise LorahubValueError(f"--adapter {path}: no {SAFETENSORS_WEIGHTS} (or {LEGACY_WEIGHTS}) in that folder; "
-                                "give a PEFT LoRA adapter folder")
+    try:
+        weights = weights_file(folder)
+    except LorahubFileError as e:
+        raise LorahubValueError(f"--adapter {path}: {e}; give a PEFT LoRA adapter folder") from None
     return Method(ADAPTER_PREFIX + folder.name, _adapter, spec={"path": str(folder), "sha256": sha256_file(weights)},
                   label=f"adapter {folder.name}")
 
@@ -320,13 +319,14 @@ def adapter_method(path: str | os.PathLike) -> Method:
 register(Method("zero-shot", _zero_shot, label="Zero-shot"))
 register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
-register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
+register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,  # the paper's settings, fixed on purpose
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
                       "probe_singles": False},
                 label="LoraHub-reference (ngopt, as published)"))
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
-                spec={"num_candidates": 20, "budget": 40, "optimizer": "cma", "population": None, "l1": 0.05,
-                      "probe_singles": True, "start": "best-probe", "step": DEFAULT_STEP},
+                spec={"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
+                      "optimizer": SearchConfig.optimizer, "population": SearchConfig.population, "l1": SearchConfig.l1,
+                      "probe_singles": True, "start": SearchConfig.start, "step": SearchConfig.step},
                 label="lorahub-default (CMA-ES from the best single module, batched)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},

@@ -13,8 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from ..files import atomic_write_text
+from ..tables import markdown_table
 from .methods import DEFAULT_METHODS, METHODS
+
+SUMMARY, PLOT = "summary.md", "per_task.png"  # written into a `lorahub bbh --out` folder
 
 # arXiv 2307.13269, Table 1: FLAN-T5-large, average exact match over the 27 BBH tasks; tokens per example
 PAPER_FLAN_T5_LARGE = [
@@ -121,16 +124,15 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         *([f"**Partial run**: {len(complete)} of the {len(started)} tasks started have every method and seed "
            "finished; the table below averages over those tasks only, so that the rows compare on the same "
            "tasks. The per-task table shows every finished job.", ""] if partial else []),
-        "| method | | exact match | tasks | seeds | tokens / example | compose s | eval s | eval examples/s | compose evals/s |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        markdown_table(
+            ["method", "", "exact match", "tasks", "seeds", "tokens / example", "compose s", "eval s",
+             "eval examples/s", "compose evals/s"],
+            [[t["label"], t["kind"], f"{t['em']:.1f}", t["tasks"], ",".join(map(str, t["seeds"])) or "–",
+              f"{t['tokens']:.0f}", f"{t['compose_seconds']:.1f}", f"{t['eval_seconds']:.1f}",
+              _f(t["examples_per_second"]), _f(t["evals_per_second"], "{:.2f}")] for t in table],
+            ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"],
+        ),
     ]
-    for t in table:
-        seeds = ",".join(map(str, t["seeds"])) or "–"
-        lines.append(
-            f"| {t['label']} | {t['kind']} | {t['em']:.1f} | {t['tasks']} | {seeds} | {t['tokens']:.0f} | "
-            f"{t['compose_seconds']:.1f} | {t['eval_seconds']:.1f} | {_f(t['examples_per_second'])} | "
-            f"{_f(t['evals_per_second'], '{:.2f}')} |"
-        )
     compose_h = sum(r["compose_seconds"] for r in rows) / 3600
     eval_h = sum(r["eval_seconds"] for r in rows) / 3600
     machines = sorted({r.get("machine") or "not recorded" for r in rows})
@@ -149,9 +151,8 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "LoraHub (arXiv 2307.13269), Table 1: **FLAN-T5-large** (783M parameters) with its 196 FLAN modules, "
         "average over the 27 tasks. A different base model and hub: not comparable with the rows above.",
         "",
-        "| method (FLAN-T5-large, paper) | exact match | tokens / example |",
-        "| --- | ---: | ---: |",
-        *[f"| {name} | {em:.1f} | {tok or '–'} |" for name, em, tok in PAPER_FLAN_T5_LARGE],
+        markdown_table(["method (FLAN-T5-large, paper)", "exact match", "tokens / example"],
+                       [(name, f"{em:.1f}", tok or "–") for name, em, tok in PAPER_FLAN_T5_LARGE], ["---", "---:", "---:"]),
         "",
         "## Per task",
         "",
@@ -159,17 +160,15 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
     full = [t for t in (aggregate(rows) if partial else table) if t["kind"] != "best"]
     cols = [(t["method"], t["kind"]) for t in full]
     n_test = {r["task"]: r["n_test"] for r in rows}
-    lines.append("| task | n test | " + " | ".join(m + (" (avg)" if k else "") for m, k in cols) + " |")
-    lines.append("| --- | ---: |" + " ---: |" * len(cols))
 
     def cell(t: dict[str, Any], task: str) -> str:
         n = t["task_jobs"].get(task, 0)
         part = f" ({n} of {len(t['seeds'])} seeds)" if t["kind"] and 0 < n < len(t["seeds"]) else ""
         return _f(t["per_task"].get(task)) + part
 
-    for task in started:
-        cells = [cell(t, task) for t in full]
-        lines.append(f"| {task} | {n_test[task]} | " + " | ".join(cells) + " |")
+    lines.append(markdown_table(["task", "n test", *(m + (" (avg)" if k else "") for m, k in cols)],
+                                [[task, n_test[task], *(cell(t, task) for t in full)] for task in started],
+                                ["---", *["---:"] * (len(cols) + 1)]))
     return "\n".join(lines) + "\n"
 
 
@@ -206,8 +205,6 @@ def plot_per_task(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict]) -> str:
     """Write summary.md and per_task.png under ``out``; return the summary text."""
-    from .runner import PLOT, SUMMARY
-
     if not rows:
         text = "no results yet\n"
     else:

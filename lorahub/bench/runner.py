@@ -21,13 +21,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import atomic_write_json, sha256_file
+from ..files import atomic_write_json
 from ..errors import LorahubError, LorahubValueError
-from . import bbh
+from ..models import default_device
+from ..optimize import SearchConfig
+from . import bbh, report
 from .methods import DEFAULT_METHODS, Method, Worker, adapter_method, get_method
 
 Job = tuple[str, str, "int | None"]  # (task, method, seed); seed None for methods that do not use one
-RESULTS, CONFIG, SUMMARY, PLOT = "results.jsonl", "config.json", "summary.md", "per_task.png"
+RESULTS, CONFIG = "results.jsonl", "config.json"  # summary.md and per_task.png: lorahub.bench.report
 DEFAULT_SEEDS = [1, 2, 3, 4, 5]  # LoraHub's reproduce_bbh.py
 
 
@@ -45,7 +47,7 @@ class BBHConfig:
         hub: hub name or manifest path (None: the default hub); or module folders (a list).
         budget: candidate evaluations of lorahub-default (lorahub-reference keeps LoraHub's 40).
         device: torch device (None: cuda if available).
-        data_dir: BBH data folder (None: benchmarks/bbh/data).
+        data_dir: BBH data folder (None: the package's lorahub/bench/data).
         adapters: PEFT LoRA or MixLoRA folders evaluated as methods ``adapter:<folder name>``.
         shots, split_seed: learning examples per task and the seed that draws them.
         batch_size: prompts per generation batch.
@@ -63,16 +65,16 @@ class BBHConfig:
     limit: int | None = field(default=None, metadata={"help": "test examples per task, for quick runs"})
     base_model: str | None = field(default=None, metadata={"help": "HF id or local path (default: the hub's base)"})
     hub: Any = field(default=None, metadata={"help": "module hub name or manifest path (default: the default hub)"})
-    budget: int = field(default=40, metadata={"help": "candidate evaluations of lorahub-default"})
+    budget: int = field(default=SearchConfig.budget, metadata={"help": "candidate evaluations of lorahub-default"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
-    data_dir: str | None = field(default=None, metadata={"help": "BBH data folder (default: benchmarks/bbh/data)"})
-    adapters: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA or MixLoRA folder to evaluate as a method"})
+    data_dir: str | None = field(default=None, metadata={"help": "BBH data folder (default: the package's lorahub/bench/data)"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "PEFT LoRA or MixLoRA folders to evaluate as methods adapter:<folder name>"})
     shots: int = field(default=bbh.SHOTS, metadata={"help": "learning examples per task"})
     split_seed: int = field(default=bbh.SPLIT_SEED, metadata={"help": "seed that draws the learning examples"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (and per Ray actor)"})
-    ray: bool = field(default=False, metadata={"help": "run the jobs on Ray actors"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local cluster)"})
+    ray: bool = field(default=False, metadata={"help": "run the jobs on Ray actors (needs the ray extra: pip install 'lorahub[ray]')"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local cluster); implies --ray"})
     ray_actors: int | None = field(default=None, metadata={"help": "Ray actors (default: one per GPU, else per CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -103,16 +105,7 @@ def _hash(obj: Any) -> str:
 
 def hub_fingerprint(store: Any) -> dict[str, Any]:
     """Name, size and a sha256 over (module, weights sha256): a hub that changed is another configuration."""
-    from ..store import LEGACY_WEIGHTS, SAFETENSORS_WEIGHTS
-
-    lines = []
-    for name in store.names:
-        sha = store.specs[name].sha256
-        if not sha:
-            folder = store.local_path(name)
-            f = folder / SAFETENSORS_WEIGHTS
-            sha = sha256_file(f if f.is_file() else folder / LEGACY_WEIGHTS)
-        lines.append(f"{name}:{sha}")
+    lines = [f"{name}:{store.weights_sha256(name)}" for name in store.names]
     return {"name": store.name or "module folders", "modules": len(lines),
             "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]}
 
@@ -223,7 +216,7 @@ def resolve_methods(cfg: BBHConfig, hub_store: Callable[[], Any]) -> dict[str, M
 def plan(cfg: BBHConfig, device: str) -> Plan:
     import torch
 
-    from ..api import resolve_store
+    from ..loading import resolve_store
     from ..models import DEFAULT_BASE_MODEL, default_dtype
 
     store: list[Any] = []
@@ -249,12 +242,10 @@ def plan(cfg: BBHConfig, device: str) -> Plan:
 
 def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run (or resume) the configured jobs into ``cfg.out``; write summary.md and per_task.png; return all rows."""
-    from . import report
-
     out = Path(cfg.out)
     ray_ctx = _RayCluster(cfg) if cfg.ray else None
     try:
-        device = cfg.device or (ray_ctx.device if ray_ctx else _local_device())
+        device = cfg.device or (ray_ctx.device if ray_ctx else str(default_device()))
         p = plan(cfg, device)
         out.mkdir(parents=True, exist_ok=True)
         specs = {name: {**m.spec, "seeded": m.seeded} for name, m in p.methods.items()}
@@ -292,8 +283,6 @@ def report_bbh(out: str | os.PathLike, *, log: Callable[[str], None] = print) ->
     Safe beside a run that is still writing to ``out`` (results.jsonl is only read), so a long run can be
     looked at, or its partial results published, before it ends.
     """
-    from . import report
-
     out = Path(out)
     if not (out / CONFIG).is_file():
         raise LorahubValueError(f"{out} has no {CONFIG}: not a `lorahub bbh --out` folder, or no run has started there")
@@ -304,17 +293,11 @@ def report_bbh(out: str | os.PathLike, *, log: Callable[[str], None] = print) ->
     return text
 
 
-def _local_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _run_in_process(todo: list[Job], p: Plan, worker_args: dict, save: Callable[[dict], None], *, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    worker = Worker(**worker_args, progress=progress)
-    bar = tqdm(total=len(todo), desc="bbh jobs", unit="job", disable=not progress)
+    worker = Worker(**worker_args, progress=progress)  # its bars open inside this one: inner bars, not kept
+    bar = progress_bar(len(todo), "bbh jobs", progress, unit="job")
     try:
         for job in todo:
             bar.set_postfix_str(f"{job[0]} / {job[1]}" + ("" if job[2] is None else f" / seed {job[2]}"))
@@ -344,7 +327,8 @@ class _RayCluster:
 
     def run(self, todo: list[Job], p: Plan, worker_args: dict, save: Callable[[dict], None], *, progress: bool) -> None:
         from ray.util import ActorPool
-        from tqdm.auto import tqdm
+
+        from ..progress import progress_bar
 
         cpus = self.cfg.threads or 1
         n = self.cfg.ray_actors or (self.gpus if self.gpus else max(1, self.cpus // cpus))
@@ -352,7 +336,7 @@ class _RayCluster:
         Actor = self.ray.remote(num_cpus=cpus, num_gpus=1 if self.gpus else 0)(Worker)
         self.actors = [Actor.remote(**worker_args) for _ in range(n)]  # each loads model and hub once, then many jobs
         tasks_ref = self.ray.put(p.tasks)
-        bar = tqdm(total=len(todo), desc=f"bbh jobs ({n} ray actors)", unit="job", disable=not progress)
+        bar = progress_bar(len(todo), f"bbh jobs ({n} ray actors)", progress, unit="job")
         try:
             pool = ActorPool(self.actors)
             for row in pool.map_unordered(lambda a, job: a.run_with.remote(job, tasks_ref, p.methods[job[1]]), todo):

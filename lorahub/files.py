@@ -1,4 +1,4 @@
-"""Atomic writes: a crash or a bad input never leaves a half-written file or folder behind."""
+"""Files: atomic writes (a crash or a bad input never leaves a half-written file or folder), sha256, hub snapshots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import LorahubFileError, LorahubValueError
 
 
 @contextlib.contextmanager
@@ -51,6 +53,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a syntax error says ``what`` it is, the file and the line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LorahubValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -69,8 +79,6 @@ def hub_snapshot(repo_id: str, patterns: list[str], what: str) -> Path:
     Offline, this fails at once with a message naming ``what`` (no stack of retries).
     """
     from huggingface_hub import snapshot_download
-
-    from .errors import LorahubFileError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
