@@ -4,7 +4,8 @@
     forward the Q examples with labels;
 (b) lorahub's batched evaluator, every example run whole (``min_prefix=0``: the path before the shared prefix);
 (c) lorahub's batched evaluator with the shared prompt prefix run once per candidate (the default);
-(d) floor: a plain base-model forward over the same P·Q whole sequences;
+(d) floor: a plain forward of the base model's transformer over the same P·Q whole sequences (for a causal LM
+    without the LM head, whose logits the loss needs at the few answer positions only);
 (e) floor over the tokens (c) needs: the prefix once per candidate (P rows), then the P·Q suffixes on its cache.
 All run in this one process on the same model, modules and examples; each is timed ``--repeats`` times and the
 best time is kept. ``--prefix-tokens N`` puts an N-token instruction in front of every example (as the pool's
@@ -131,9 +132,11 @@ def main() -> None:
     big = batch.repeat(P)
     fkw = {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=big.labels)} if seq2seq else {}
 
+    body = model if seq2seq else model.base_model  # causal: the transformer alone (the loss needs few logits)
+
     def floor():
         with torch.inference_mode():
-            model(input_ids=big.input_ids, attention_mask=big.attention_mask, use_cache=False, **fkw)
+            body(input_ids=big.input_ids, attention_mask=big.attention_mask, use_cache=False, **fkw)
 
     floor()
     t_floor = best_time(floor, args.repeats, sync)
@@ -146,10 +149,10 @@ def main() -> None:
             if not k:
                 return floor()
             ids = big.input_ids[:P, :k]
-            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            cache = body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
             cache.batch_repeat_interleave(Q)
-            model(input_ids=big.input_ids[:, k:], attention_mask=big.attention_mask, past_key_values=cache,
-                  use_cache=True)
+            body(input_ids=big.input_ids[:, k:], attention_mask=big.attention_mask, past_key_values=cache,
+                 use_cache=True)
 
     needed()
     t_needed = best_time(needed, args.repeats, sync)

@@ -11,15 +11,17 @@ import numpy as np
 import torch
 
 from .compose import composed_layers, delta_weights
-from .data import Example, as_examples
+from .data import DEFAULT_MAX_LENGTH, Example, as_examples
 from .errors import LorahubValueError
 from .evaluate import PopulationEvaluator
 from .export import adapter_config, check_output_dir, merge_copy, save_adapter, versions, write_best_weights
+from .files import locked_output
 from .generate import generate, merged_into
 from .loading import load_base_for, resolve_store, stack_for
 from .models import is_seq2seq
-from .optimize import SearchConfig, SearchResult, search
+from .optimize import SearchConfig, SearchResult, divisor_of, search
 from .progress import progress_bar
+from .select import SelectionTask, get_order, get_selector, select_candidates
 from .store import StackedModules
 
 if TYPE_CHECKING:
@@ -67,8 +69,12 @@ class Composition:
     def peft_config(self) -> dict[str, Any]:
         return adapter_config(self.stacked.config, self.record["base_model"], is_seq2seq(self.model))
 
+    @locked_output("out_dir")
     def save(self, out_dir: str | Path, *, merged: bool = False) -> Path:
-        """Write a PEFT adapter folder (+ lorahub.json, card; ``merged/`` with ``merged=True``) atomically."""
+        """Write a PEFT adapter folder (+ lorahub.json, card; ``merged/`` with ``merged=True``) atomically.
+
+        The call holds ``out_dir``'s lock (:func:`lorahub.files.output_lock`): another process writing there is
+        refused, not interleaved."""
         return save_adapter(out_dir, self.layers, self.peft_config(), self.record,
                             merged_model=self.merge() if merged else None,
                             tokenizer=self.tokenizer if merged else None)
@@ -87,12 +93,16 @@ def from_weights(weights: dict[str, float], modules: Any = None, base_model: Any
     return Composition(dict(weights), float("nan"), float("nan"), [], model, tokenizer, stacked, record)
 
 
+@locked_output("out_dir")
 def compose(
     task_examples: Any,
     modules: Any = None,
     base_model: Any = None,
     *,
     num_candidates: int = SearchConfig.num_candidates,
+    select: str = SearchConfig.select,
+    candidate_order: str = SearchConfig.candidate_order,
+    loss_scale: str = SearchConfig.loss_scale,
     budget: int = SearchConfig.budget,
     population: int | None = SearchConfig.population,
     optimizer: str = SearchConfig.optimizer,
@@ -105,6 +115,7 @@ def compose(
     start: str = SearchConfig.start,
     step: float = SearchConfig.step,
     max_rows: int = SearchConfig.max_rows,
+    max_length: int = DEFAULT_MAX_LENGTH,
     out_dir: str | Path | None = None,
     command: str | None = None,
     on_step: Callable[[int, SearchResult], None] | None = None,
@@ -119,7 +130,16 @@ def compose(
         modules: a hub name or manifest path (None: the default hub), a list of module folders / hub
             ids, or a :class:`ModuleStore`.
         base_model: an HF id or path, ``(model, tokenizer)`` already loaded, or None for the hub's base.
-        num_candidates: modules drawn at random (with ``seed``) from the library.
+        num_candidates: candidate modules chosen from the library by ``select``.
+        select: how they are chosen (:data:`lorahub.select.SELECTORS`): ``"random"`` (LoraHub's draw with
+            ``seed``), ``"retrieve"`` (the hub's module embeddings closest to the examples' inputs), ``"probe"``
+            (the lowest few-shot loss alone; all N modules scored, N evaluations) or ``"retrieve+probe"``.
+            The selection and its scores are recorded (``record["selection"]``).
+        candidate_order: the candidates' order as search dimensions, which the optimizer's path depends on:
+            ``"store"`` (the library's) or ``"sample"`` (the selector's: LoraHub's ``random.sample`` order).
+        loss_scale: the loss in the objective (:data:`lorahub.optimize.LOSS_SCALES`): ``"token-mean"`` (lorahub)
+            or ``"per-example"`` (the reference's: the token-mean loss / number of examples, next to the same
+            l1 term). ``loss`` and ``history`` losses stay token means; ``objective`` is what was minimised.
         budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N, at most budget/5).
         optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
         l1: coefficient of mean|w| added to the loss. bounds: box for each weight (must contain 0).
@@ -129,8 +149,11 @@ def compose(
         start: where CMA-ES's mean starts: ``"best-probe"`` (the best single module, when ``probe_singles``;
             the default) or ``"zero"`` (LoraHub's start, w = 0).
         step: CMA-ES's first step around the start, in weight units (benchmarks/search_tuning.py).
+        max_length: token limit of one example: a longer prompt is cut from the left (one warning line names
+            the example), an answer over the limit is an error naming it.
         out_dir: if given, ``best_weights.json`` is written there at each new best; a folder lorahub did not
-            make is refused before the search starts (:func:`lorahub.export.check_output_dir`).
+            make is refused before the search starts (:func:`lorahub.export.check_output_dir`), and the call
+            holds the folder's lock (:func:`lorahub.files.output_lock`): a second writer is refused.
         method: ``"static"`` (LoraHub: the search above) or ``"routed"``: the same candidates (same ``seed``)
             as frozen experts under per-layer top-k routers learnt by gradient on the examples
             (:mod:`lorahub.routed`); it returns a :class:`~lorahub.routed.RoutedComposition`, which predicts
@@ -142,18 +165,26 @@ def compose(
         raise LorahubValueError(f"unknown compose method {method!r}. Available: {avail}")
     if routed is not None and method != "routed":
         raise LorahubValueError(f"routed= settings were given with method={method!r}; pass method='routed' to use them")
+    get_selector(select)  # unknown names fail before any work, listing the known ones
+    get_order(candidate_order)
+    divisor_of(loss_scale, 1)
     if out_dir is not None and method == "static":
         check_output_dir(out_dir)  # before any work, so best_weights.json never lands in a foreign folder
     examples: list[Example] = as_examples(task_examples)
     store = resolve_store(modules)
     model, tokenizer, base_name = load_base_for(base_model, store, device)
-    names = store.select(num_candidates, seed)
+    selection = select_candidates(select, store, num_candidates, seed, SelectionTask(
+        examples, model, tokenizer, base_name, max_rows=max_rows, max_length=max_length))
+    names = selection.ordered(candidate_order, store)
     stacked = stack_for(store, names, model, base_name)
+    chosen = {"selection": selection.record(), "candidate_order": candidate_order}
     if method == "routed":
         from .routed import RoutedConfig, compose_routed
 
-        return compose_routed(examples, store, model, tokenizer, base_name, stacked, routed or RoutedConfig(),
+        comp = compose_routed(examples, store, model, tokenizer, base_name, stacked, routed or RoutedConfig(),
                               seed=seed, num_candidates=num_candidates, progress=progress, command=command)
+        comp.record.update(chosen)
+        return comp
 
     if probe_singles is None:
         probe_singles = optimizer != "ngopt"
@@ -176,11 +207,12 @@ def compose(
 
     t0 = time.perf_counter()
     try:
-        with PopulationEvaluator(model, tokenizer, stacked, examples, max_rows=max_rows) as ev:
+        with PopulationEvaluator(model, tokenizer, stacked, examples, max_rows=max_rows, max_length=max_length) as ev:
             zero_loss = float(scored(np.zeros((1, len(names))))[0])
             result = search(scored, len(names), budget=budget, population=population,
                             optimizer=optimizer, l1=l1, bounds=bounds, seed=seed, on_step=after_generation,
-                            probes=np.eye(len(names)) if probe_singles else None, start=start, step=step)
+                            probes=np.eye(len(names)) if probe_singles else None, start=start, step=step,
+                            loss_divisor=divisor_of(loss_scale, len(examples)))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -194,8 +226,10 @@ def compose(
         "budget": budget, "evaluations": len(result.history), "probe_singles": bool(probe_singles), "start": result.start,
         "step": step,
         "population": result.population,
-        "l1": l1, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
-        "num_examples": len(examples), "max_new_tokens": max_target + 4, "seconds": round(seconds, 3),
+        "l1": l1, "loss_scale": loss_scale, "bounds": list(bounds), "seed": seed, "num_candidates": num_candidates,
+        **chosen,
+        "num_examples": len(examples), "max_new_tokens": max_target + 4, "max_length": max_length,
+        "seconds": round(seconds, 3),
         "history": result.history, "hub": store.name, "command": command, "versions": versions(),
     }
     return Composition(weights, result.loss, result.objective, result.history, model, tokenizer, stacked, record)

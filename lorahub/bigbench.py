@@ -1,6 +1,6 @@
 """BIG-bench task pools as lorahub :class:`~lorahub.data.Example` lists, and the seeded train/held-out split.
 
-Layout read by :func:`read_task_dir` (``../shared/bigbench`` beside the repo)::
+Layout of a BIG-bench task pool, as :func:`list_tasks` and :func:`read_task` read it::
 
     index.json            {task: {"task_prefix", "example_input_prefix", "example_output_prefix",
                                   "choice_prefix", "append_choices_to_input", "kind", ...}}
@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +139,10 @@ def read_bigbench_task(
                 )
             if target not in [str(c) for c in choices]:
                 raise LorahubValueError(f"{path}:{lineno}: target {target!r:.60} is not among the choices")
-            out.append(lettered_example(row, meta, target, seed=f"{Path(path).stem}:{lineno}"))
+            out.append(replace(lettered_example(row, meta, target, seed=f"{Path(path).stem}:{lineno}"),
+                               source=f"{path}:{lineno}"))
             continue
-        out.append(Example(bigbench_prompt(row, meta), target))
+        out.append(Example(bigbench_prompt(row, meta), target, f"{path}:{lineno}"))
     if not out:
         raise LorahubValueError(f"{path}: contains no examples")
     return out

@@ -4,9 +4,10 @@ The search options and their defaults are :class:`lorahub.optimize.SearchConfig`
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from .data import DEFAULT_MAX_LENGTH
 from .errors import LorahubValueError
 from .optimize import SearchConfig
 
@@ -15,8 +16,8 @@ from .optimize import SearchConfig
 class ComposeConfig(SearchConfig):
     """Options of ``lorahub compose`` (and of ``--config FILE.yaml``, which takes the same keys).
 
-    The search options (num_candidates, budget, population, optimizer, l1, lower, upper, seed, probe_singles,
-    start, step, max_rows) are :class:`~lorahub.optimize.SearchConfig`'s. The others:
+    The search options (num_candidates, select, candidate_order, loss_scale, budget, population, optimizer, l1,
+    lower, upper, seed, probe_singles, start, step, max_rows) are :class:`~lorahub.optimize.SearchConfig`'s. The others:
 
     Args:
         examples: JSONL file of the new task's few-shot examples (``input``/``output`` per line).
@@ -26,6 +27,8 @@ class ComposeConfig(SearchConfig):
         base_model: HF id or local path; default: the hub's base model.
         eval_examples: optional held-out JSONL: exact match is reported before and after composing.
         device: "cpu", "cuda", ...; default: cuda if available.
+        max_length: token limit of one example: a longer prompt is cut from the left (one warning line names the
+            example), an answer over the limit is an error naming it.
         merged: also write the base model with the adapter merged in (``merged/``).
         progress: show progress bars.
         method: "static" (LoraHub: one searched weighting, mergeable) or "routed" (per-layer top-k routers
@@ -41,6 +44,8 @@ class ComposeConfig(SearchConfig):
     base_model: str | None = field(default=None, metadata={"help": "HF id or local path (default: the hub's base)"})
     eval_examples: str | None = field(default=None, metadata={"help": "held-out JSONL: exact match before/after"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available)"})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={
+        "help": "tokens per example; a longer prompt is cut from the left (with a warning naming it), never the answer"})
     merged: bool = field(default=False, metadata={"help": "also write the merged full model under OUT/merged"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     method: str = field(default="static", metadata={
@@ -54,6 +59,8 @@ class ComposeConfig(SearchConfig):
         super().__post_init__()
         if self.hub and self.modules:
             raise LorahubValueError("give either `hub` or `modules`, not both")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise LorahubValueError(f"`max_length` should be an integer of at least 2 tokens, but the value passed is {self.max_length!r}")
         if self.method not in ("static", "routed"):
             raise LorahubValueError(f"unknown method {self.method!r}. Available: static, routed")
         if self.method == "routed":
@@ -69,15 +76,4 @@ class ComposeConfig(SearchConfig):
         from .routed import RoutedConfig
 
         return RoutedConfig(top_k=self.routed_top_k, steps=self.routed_steps, lr=self.routed_lr,
-                            router_aux_loss_coef=self.router_aux_loss_coef)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> "ComposeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LorahubValueError(f"{where}: unknown key(s) {unknown}. Known keys: {', '.join(sorted(known))}")
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
-        if missing:
-            raise LorahubValueError(f"{where}: missing required key(s) {missing}")
-        return cls(**data)
+                            router_aux_loss_coef=self.router_aux_loss_coef, max_length=self.max_length)

@@ -14,8 +14,9 @@ generation).
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -23,13 +24,21 @@ import torch
 
 from .errors import LorahubFileError, LorahubValueError
 
+DEFAULT_MAX_LENGTH = 1024  # tokens of one example (prompt + answer), unless a caller sets another limit
+logger = logging.getLogger("lorahub")
+
 
 @dataclass(frozen=True)
 class Example:
-    """One example of a task: the prompt text and the expected output text."""
+    """One example of a task: the prompt text and the expected output text.
+
+    ``source`` says where it came from (``file.jsonl:7``, ``task_examples[3]``), so that a warning or an
+    error about it can name it; it takes no part in equality.
+    """
 
     input: str
     output: str
+    source: str | None = field(default=None, compare=False, repr=False)
 
 
 def qa_prompt(question: str, description: str | None = None) -> str:
@@ -93,7 +102,7 @@ def as_examples(task_examples: Any, *, where: str = "task_examples", need_output
             raise LorahubValueError(f"{where}[{i}]: 'input' is empty")
         if need_output and not outp.strip():
             raise LorahubValueError(f"{where}[{i}]: 'output' is empty; every example needs an expected output")
-        out.append(Example(inp, outp))
+        out.append(Example(inp, outp, f"{where}[{i}]"))
     if not out:
         raise LorahubValueError(f"{where}: no examples given; at least one is needed")
     return out
@@ -124,7 +133,8 @@ def read_jsonl(path: str | os.PathLike, *, need_output: bool = True) -> list[Exa
         if "output" not in row and "target" in row:
             row = {**row, "output": row["target"]}
         try:
-            rows.extend(as_examples([row], where=f"{path}:{lineno}", need_output=need_output))
+            rows.extend(replace(e, source=f"{path}:{lineno}")
+                        for e in as_examples([row], where=f"{path}:{lineno}", need_output=need_output))
         except LorahubValueError as e:
             raise LorahubValueError(str(e).replace(f"{path}:{lineno}[0]", f"{path}:{lineno}")) from None
     if not rows:
@@ -163,38 +173,82 @@ def encode(
     examples: Sequence[Example],
     *,
     seq2seq: bool,
-    max_length: int = 1024,
+    max_length: int = DEFAULT_MAX_LENGTH,
     add_eos: bool = True,
 ) -> Batch:
     """Tokenize examples for a teacher-forced loss on the target tokens only.
 
     Causal LMs: prompt and target are tokenized apart (so the target's first token keeps its
-    leading space) and EOS ends the target. A long prompt is cut from the left to fit.
+    leading space) and EOS ends the target. An example over ``max_length`` tokens keeps its answer whole:
+    its prompt is cut from the left (seq2seq: the source is cut at the right, as the tokenizer does), with
+    one warning line naming it (:func:`warn_too_long`). An answer that alone exceeds the limit is an error
+    naming the example: cutting it would train or score a different answer.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    too_long: list[tuple[str, int]] = []
     if seq2seq:
         srcs, tgts = [], []
-        for ex in examples:
+        for i, ex in enumerate(examples):
             p, t = format_example(ex.input, ex.output, seq2seq=True)
-            srcs.append(tokenizer(p, truncation=True, max_length=max_length).input_ids)
-            tgts.append(tokenizer(t, truncation=True, max_length=max_length).input_ids)
+            src = tokenizer(p).input_ids
+            tgt = tokenizer(t).input_ids
+            if len(tgt) > max_length:
+                raise answer_too_long(ex, i, len(tgt), max_length)
+            if len(src) > max_length:
+                too_long.append((example_name(ex, i), len(src)))
+            srcs.append(tokenizer(p, truncation=True, max_length=max_length).input_ids if len(src) > max_length else src)
+            tgts.append(tgt)
+        warn_too_long(too_long, max_length, "the source is cut at the right")
         ids, mask = pad_rows(srcs, pad_id)
         lab, dmask = pad_rows(tgts, pad_id)
         lab = lab.masked_fill(dmask == 0, -100)
         return Batch(ids, mask, lab, dmask)
     seqs, labs = [], []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         p, t = format_example(ex.input, ex.output, seq2seq=False)
         p_ids = tokenizer(p, add_special_tokens=True).input_ids
         t_ids = tokenizer(t, add_special_tokens=False).input_ids + eos
-        t_ids = t_ids[: max_length - 1]
-        p_ids = p_ids[-(max_length - len(t_ids)) :]
+        if len(t_ids) > max_length - 1:  # one prompt token at least: the first answer token is predicted from it
+            raise answer_too_long(ex, i, len(t_ids), max_length)
+        if len(p_ids) + len(t_ids) > max_length:
+            too_long.append((example_name(ex, i), len(p_ids) + len(t_ids)))
+            p_ids = p_ids[-(max_length - len(t_ids)) :]
         seqs.append(p_ids + t_ids)
         labs.append([-100] * len(p_ids) + t_ids)
+    warn_too_long(too_long, max_length, "the prompt is cut from the left, the answer kept whole")
     ids, mask = pad_rows(seqs, pad_id)
     lab, _ = pad_rows(labs, -100)
     return Batch(ids, mask, lab)
+
+
+def example_name(ex: Example, index: int) -> str:
+    """Where an example came from (``file.jsonl:7``), else its index in the batch."""
+    return ex.source or f"example {index}"
+
+
+def answer_too_long(ex: Example, index: int, tokens: int, max_length: int) -> LorahubValueError:
+    return LorahubValueError(
+        f"{example_name(ex, index)}: the answer alone is {tokens} tokens, over the {max_length}-token limit of one "
+        "example; shorten it or raise max_length (--max-length)"
+    )
+
+
+_warned_too_long: set[tuple[str, int, int]] = set()  # (example, its tokens, limit) warned about in this process
+
+
+def warn_too_long(found: Sequence[tuple[str, int]], max_length: int, how: str) -> None:
+    """One warning line (logger ``lorahub``) for the examples over the limit not warned about before.
+
+    Why once: the trainer encodes the same examples at every step; one line per example is enough.
+    """
+    new = [(name, n) for name, n in found if (name, n, max_length) not in _warned_too_long]
+    if not new:
+        return
+    _warned_too_long.update((name, n, max_length) for name, n in new)
+    shown = ", ".join(f"{name} ({n} tokens)" for name, n in new[:3]) + (f" and {len(new) - 3} more" if len(new) > 3 else "")
+    logger.warning("lorahub: warning: %s over the %d-token limit of one example (%s): %s",
+                   "an example is" if len(new) == 1 else f"{len(new)} examples are", max_length, how, shown)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

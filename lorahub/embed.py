@@ -148,31 +148,49 @@ def module_inputs(entry: Mapping[str, Any], tasks_dir: str | os.PathLike | None,
     return recorded[:MAX_INPUTS]
 
 
+def embed_modules(data: dict[str, Any], manifest: str | os.PathLike, tasks_dir: str | os.PathLike | None = None, *,
+                  embedder: str | None = None, model: Any = None, only_missing: bool = False,
+                  progress: bool = False) -> Any:
+    """Embed the modules of manifest ``data`` (in memory; the vectors file is written beside ``manifest``).
+
+    ``only_missing`` keeps the vectors already stored (the hub build embeds just its new modules). Returns the
+    embedder, so that a caller embedding module after module loads it once (pass it back as ``model``).
+    """
+    from .progress import progress_bar
+
+    name = embedder or (data.get("embeddings") or {}).get("embedder") or DEFAULT_EMBEDDER
+    names = [e["name"] for e in data["modules"]]
+    vectors: dict[str, torch.Tensor] = {}
+    if only_missing and data.get("embeddings"):
+        vectors = {n: v for n, v in read_embeddings(manifest, data).items() if n in names}
+    todo = [e for e in data["modules"] if e["name"] not in vectors]
+    if not todo and data.get("embeddings"):
+        return model
+    counts = {e["name"]: int(e.get("embedding_inputs", 0)) for e in data["modules"] if e["name"] in vectors}
+    seed = int((data.get("train_config") or {}).get("seed", 0))
+    if todo and model is None:
+        model = load_embedder(name)
+    bar = progress_bar(len(todo), "embed", progress)
+    try:
+        for entry in todo:
+            texts = module_inputs(entry, tasks_dir, seed)
+            vectors[entry["name"]] = task_embedding(model, texts)
+            counts[entry["name"]] = len(texts)
+            bar.update(1)
+    finally:
+        bar.close()
+    write_embeddings(data, manifest, vectors, counts, name)
+    return model
+
+
 def embed_hub(manifest: str | os.PathLike, tasks_dir: str | os.PathLike | None = None, *,
               embedder: str | None = None, only_missing: bool = False, progress: bool = True) -> Path:
-    """Compute and store the task embedding of every module of a hub manifest; return the embeddings file.
-
-    ``only_missing`` keeps the vectors already stored (the hub build uses it to embed just the new modules).
-    """
+    """``lorahub hub embed``: compute and store the task embedding of every module of a hub manifest; return
+    the embeddings file."""
     from .store import read_manifest, resolve_manifest, write_manifest
 
     path = resolve_manifest(manifest)
     data = read_manifest(path)
-    name = embedder or (data.get("embeddings") or {}).get("embedder") or DEFAULT_EMBEDDER
-    vectors: dict[str, torch.Tensor] = {}
-    if only_missing and data.get("embeddings"):
-        vectors = {n: v for n, v in read_embeddings(path, data).items() if any(e["name"] == n for e in data["modules"])}
-    seed = int((data.get("train_config") or {}).get("seed", 0))
-    todo = [e for e in data["modules"] if e["name"] not in vectors]
-    counts = {e["name"]: int(e.get("embedding_inputs", 0)) for e in data["modules"] if e["name"] in vectors}
-    if todo:
-        model = load_embedder(name)
-        from tqdm.auto import tqdm
-
-        for entry in tqdm(todo, desc="embed", unit="module", disable=not progress, leave=False):
-            texts = module_inputs(entry, tasks_dir, seed)
-            vectors[entry["name"]] = task_embedding(model, texts)
-            counts[entry["name"]] = len(texts)
-    write_embeddings(data, path, vectors, counts, name)
+    embed_modules(data, path, tasks_dir, embedder=embedder, only_missing=only_missing, progress=progress)
     write_manifest(path, data)
     return embeddings_file(path)

@@ -23,6 +23,10 @@ class LorahubIntegrityError(LorahubError):
     """A file's content does not match what its manifest promises (sha256, shapes)."""
 
 
+class LorahubBusyError(LorahubError):
+    """Another process is writing the same output (it holds the output's lock): one writer per folder."""
+
+
 # Why a MixLoRA folder is refused wherever a plain (mergeable) LoRA is needed: the store, export, compose.
 NOT_MERGEABLE = (
     "is a MixLoRA model: its router picks experts per token, so the update depends on the input and "

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .compose import compose_population
-from .data import Batch, Example, encode, shared_prefix_length
+from .data import DEFAULT_MAX_LENGTH, Batch, Example, encode, shared_prefix_length
 from .models import is_seq2seq
 from .store import StackedModules
 
@@ -48,7 +48,8 @@ class PopulationEvaluator:
         stacked: the candidate modules, stacked per layer on the model's device.
         examples: the few-shot examples of the new task.
         max_rows: most rows (candidates × examples) in one forward; larger populations are chunked.
-        max_length: token limit of one example.
+        max_length: token limit of one example (a longer prompt is cut from the left, with a warning naming it;
+            an answer over the limit is an error naming the example).
         length_groups: run examples of unlike lengths in separate forwards, so that little compute goes to
             padding (None: on a CPU, where a forward's cost is its padded token count, not on a GPU, where
             one wide batch is faster). Causal LMs only; the loss is the same.
@@ -64,7 +65,7 @@ class PopulationEvaluator:
         examples: Sequence[Example],
         *,
         max_rows: int = 256,
-        max_length: int = 1024,
+        max_length: int = DEFAULT_MAX_LENGTH,
         length_groups: bool | None = None,
         min_prefix: int | None = None,
     ):
@@ -72,6 +73,7 @@ class PopulationEvaluator:
         self.seq2seq = is_seq2seq(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.loss_dtype = torch.promote_types(self.dtype, torch.float32)  # float32, float64 for a float64 model
         self.batch = encode(tokenizer, examples, seq2seq=self.seq2seq, max_length=max_length).to(self.device)
         self.num_examples = len(self.batch)
         if length_groups is None:
@@ -121,11 +123,13 @@ class PopulationEvaluator:
     def score(self, weights: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
         """Mean target-token cross-entropy of each weighting: weights (P, N) -> losses (P,) float32 on CPU.
 
-        A candidate whose loss is NaN or infinite scores +inf (the search goes on).
+        A candidate whose loss is NaN or infinite scores +inf (the search goes on). The weights, the loss and its
+        sum are in float32, or in float64 for a float64 model (so that its loss is exact before the final
+        float32 rounding, as a float64 reference's ``loss.float()`` is: tests/test_reference.py).
         """
         if not self._hooks:
             raise RuntimeError("PopulationEvaluator.score needs its hooks: use it as a context manager, `with PopulationEvaluator(...) as ev:`")
-        w = torch.as_tensor(weights, dtype=torch.float32)
+        w = torch.as_tensor(weights, dtype=self.loss_dtype)
         if w.dim() != 2 or w.shape[1] != len(self.stacked):
             raise ValueError(f"weights has shape {tuple(w.shape)}, expected (P, {len(self.stacked)})")
         losses = []
@@ -137,8 +141,8 @@ class PopulationEvaluator:
 
     def _score_chunk(self, w: torch.Tensor) -> torch.Tensor:
         P = w.shape[0]
-        total = torch.zeros(P, device=w.device, dtype=torch.float32)
-        count = torch.zeros(P, device=w.device, dtype=torch.float32)
+        total = torch.zeros(P, device=w.device, dtype=self.loss_dtype)
+        count = torch.zeros(P, device=w.device, dtype=self.loss_dtype)
         for layer in self.stacked.layers:
             self._composed[layer] = compose_population(w, self._A[layer], self._B[layer])
         try:
@@ -150,8 +154,8 @@ class PopulationEvaluator:
                     cache.batch_repeat_interleave(len(group))
                 token_loss, rows = token_losses(self.model, group.repeat(P), self.seq2seq, past_key_values=cache)
                 cand = rows // len(group)
-                total.index_add_(0, cand, token_loss.float())
-                count.index_add_(0, cand, torch.ones_like(token_loss, dtype=torch.float32))
+                total.index_add_(0, cand, token_loss.to(self.loss_dtype))
+                count.index_add_(0, cand, torch.ones_like(token_loss, dtype=self.loss_dtype))
         finally:
             self._composed.clear()
         return total / count
@@ -194,6 +198,11 @@ def split_by_length(batch: Batch, *, slack: float = 1.1) -> list[Batch]:
     return out
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 for the loss; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_losses(
     model: Any, batch: Batch, seq2seq: bool, *, past_key_values: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +218,7 @@ def token_losses(
         ).logits  # (B, L, V): decoder positions are all target positions
         sel = batch.labels != -100
         rows = sel.nonzero()[:, 0]
-        return F.cross_entropy(logits[sel].float(), batch.labels[sel], reduction="none"), rows
+        return F.cross_entropy(at_least_float32(logits[sel]), batch.labels[sel], reduction="none"), rows
     mask, cache_kw = batch.attention_mask, {}
     if past_key_values is not None:  # the prefix's positions are attended to as well
         k = past_key_values.get_seq_length()
@@ -221,7 +230,7 @@ def token_losses(
     targets = batch.labels[:, 1:]  # token t is predicted at position t-1
     sel = targets != -100  # (B, T-1)
     h = hidden[:, :-1][sel]  # (M, H): only the positions that predict a target token
-    logits = model.get_output_embeddings()(h).float()  # (M, V)
+    logits = at_least_float32(model.get_output_embeddings()(h))  # (M, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -238,5 +247,5 @@ def block_losses(model: Any, batch: Batch, n_blocks: int, seq2seq: bool) -> torc
     """
     tok_loss, rows = token_losses(model, batch, seq2seq)
     block = rows // (len(batch) // n_blocks)  # block of each answer token
-    sums = torch.zeros(n_blocks, device=tok_loss.device).index_add(0, block, tok_loss)
+    sums = torch.zeros(n_blocks, device=tok_loss.device, dtype=tok_loss.dtype).index_add(0, block, tok_loss)
     return sums / torch.bincount(block, minlength=n_blocks).clamp_min(1)

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import metrics
-from .files import atomic_dir, sha256_file
+from .files import append_line, atomic_dir, locked_output, read_json, sha256_file
 from .bigbench import list_tasks, parse_unit, read_task, split_examples, unit_name
 from .data import Example
+from .embed import embed_modules
 from .errors import LorahubError, LorahubFileError, LorahubValueError
 from .progress import progress_bar
 from .store import PACKAGE_HUB_DIR, SAFETENSORS_WEIGHTS, read_manifest, resolve_manifest, weights_file, write_manifest
@@ -82,8 +83,8 @@ def _load_manifest(path: Path, skeleton: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log(out_dir: Path, event: str, **fields: Any) -> None:
-    with open(out_dir / BUILD_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), "event": event, "pid": os.getpid(), **fields}) + "\n")
+    # one write per line: a kill never leaves a broken line in the middle of the log
+    append_line(out_dir / BUILD_LOG, json.dumps({"time": round(time.time(), 3), "event": event, "pid": os.getpid(), **fields}))
 
 
 def _is_finished(entry: dict[str, Any], manifest_dir: Path) -> bool:
@@ -93,6 +94,7 @@ def _is_finished(entry: dict[str, Any], manifest_dir: Path) -> bool:
         return False
 
 
+@locked_output("out_dir")  # one build per hub folder: a second one is refused, naming the first one's pid
 def build_hub(
     tasks_dir: str | os.PathLike,
     base_model: str | None,
@@ -109,12 +111,15 @@ def build_hub(
     progress: bool = True,
     device: str | None = None,
     on_module: Callable[[dict[str, Any]], None] | None = None,
+    embed: bool = True,
 ) -> Path:
     """Train one module per task of ``tasks_dir`` into ``out_dir/<task>/``; return the manifest path.
 
     ``only`` restricts (and orders) the tasks; ``max_modules`` stops once that many modules are in
     the manifest. The manifest is ``out_dir``'s sibling ``<out_dir name>.json``, with locations
-    relative to it, as :meth:`lorahub.store.ModuleStore.from_manifest` reads them.
+    relative to it, as :meth:`lorahub.store.ModuleStore.from_manifest` reads them. With ``embed`` every module
+    gets its task embedding (:mod:`lorahub.embed`) as soon as it is saved, and modules of an earlier build
+    that lack one get it when the build resumes.
     """
     from .models import DEFAULT_BASE_MODEL, is_seq2seq, load_base
 
@@ -146,7 +151,7 @@ def build_hub(
     for name in order:
         report = out_dir / name / TRAIN_REPORT
         if name not in done and report.is_file() and (out_dir / name / SAFETENSORS_WEIGHTS).is_file():
-            entry = json.loads(report.read_text(encoding="utf-8"))["manifest_entry"]
+            entry = read_json(report, "module record")["manifest_entry"]
             entry["sha256"] = sha256_file(out_dir / name / SAFETENSORS_WEIGHTS)
             entry["size_bytes"] = (out_dir / name / SAFETENSORS_WEIGHTS).stat().st_size
             manifest["modules"].append(entry)
@@ -154,6 +159,9 @@ def build_hub(
             _log(out_dir, "adopted", task=name)
     rejected = {r.get("name", r["task"]) for r in manifest["rejected"]}
     todo = [t for t in order if t not in done and t not in rejected]
+    embedder = None
+    if embed and manifest["modules"]:
+        embedder = embed_modules(manifest, mpath, tasks_dir, only_missing=True, progress=progress)
     write_manifest(mpath, manifest)
 
     def room() -> int:
@@ -211,6 +219,8 @@ def build_hub(
                     for f in tmp.iterdir():
                         os.chmod(f, 0o644)
                 manifest["modules"].append(entry)
+                if embed:
+                    embedder = embed_modules(manifest, mpath, tasks_dir, model=embedder, only_missing=True)
                 write_manifest(mpath, manifest)
                 _log(out_dir, "saved", task=name, **quality)
                 bar.set_postfix(task=name[:24], em=f"{base_em:.2f}->{module_em:.2f}")
@@ -245,14 +255,14 @@ def hub_report(manifest: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for e in data.get("modules", []):
         rows.append({
-            "module": e["name"], "status": "ok", "train_loss": e.get("train_loss"), "base_em": e.get("base_em"),
+            "module": e["name"], "format": e.get("format", "native"), "status": "ok", "train_loss": e.get("train_loss"), "base_em": e.get("base_em"),
             "module_em": e.get("module_em"),
             "gain": None if e.get("module_em") is None else round(e["module_em"] - (e.get("base_em") or 0), 4),
             "steps": e.get("steps"), "size_mb": None if e.get("size_bytes") is None else round(e["size_bytes"] / 2**20, 2),
         })
     for r in data.get("rejected", []):
         rows.append({
-            "module": r["task"], "status": "rejected", "train_loss": r.get("train_loss"), "base_em": r.get("base_em"),
+            "module": r.get("name", r["task"]), "format": r.get("format", "native"), "status": "rejected", "train_loss": r.get("train_loss"), "base_em": r.get("base_em"),
             "module_em": r.get("module_em"), "gain": round(r.get("module_em", 0) - r.get("base_em", 0), 4),
             "steps": None, "size_mb": None,
         })
@@ -269,7 +279,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:
         mean = lambda k: sum(r[k] or 0 for r in ok) / len(ok)  # noqa: E731
-        cells.append([f"mean of {len(ok)}", "", fmt(mean("train_loss")), fmt(mean("base_em")), fmt(mean("module_em")),
+        cells.append([f"mean of {len(ok)}", "", "", fmt(mean("train_loss")), fmt(mean("base_em")), fmt(mean("module_em")),
                       fmt(mean("gain")), "", fmt(sum(r["size_mb"] or 0 for r in ok))][: len(cols)])
     return text_table(cols, cells)
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .files import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from .files import append_line, atomic_dir, atomic_write_json, atomic_write_text, locked_output, read_json, sha256_file
 from .bigbench import list_tasks, read_task, split_examples
 from .data import Example, encode
 from .errors import LorahubIntegrityError, LorahubValueError
@@ -365,7 +365,7 @@ def check_run_config(out: Path, fingerprint: dict[str, Any]) -> None:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise LorahubIntegrityError(f"{path} is corrupted ({e.msg}); use another --out") from None
+            raise LorahubIntegrityError(f"{path} is corrupted ({e.msg} at line {e.lineno}); use another --out") from None
         if saved != json.loads(json.dumps(fingerprint)):
             a, b = _flat(saved), _flat(json.loads(json.dumps(fingerprint)))
             diff = [f"{k}: {a.get(k, '(absent)')!r} there, {b.get(k, '(absent)')!r} now"
@@ -380,7 +380,7 @@ def check_run_config(out: Path, fingerprint: dict[str, Any]) -> None:
 
 def _checkpoint_step(out: Path) -> int | None:
     path = out / CHECKPOINT / "checkpoint.json"
-    return json.loads(path.read_text(encoding="utf-8"))["step"] if path.is_file() else None
+    return read_json(path, "training checkpoint")["step"] if path.is_file() else None
 
 
 def read_checkpoint(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -388,14 +388,18 @@ def read_checkpoint(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | 
     folder = out / CHECKPOINT
     if not (folder / "checkpoint.json").is_file():
         return None
-    meta = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
+    meta = read_json(folder / "checkpoint.json", "training checkpoint")
     state_file = folder / "state.pt"
     if not state_file.is_file() or sha256_file(state_file) != meta["sha256"]:
         raise LorahubIntegrityError(f"{state_file} is missing or corrupted (sha256 differs from checkpoint.json); "
                                     f"delete {folder} to restart the run from scratch")
     if meta["config"] != json.loads(json.dumps(fingerprint)):
         raise LorahubValueError(f"{folder} was written by a run with other settings; use another --out")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as e:  # noqa: BLE001  # a pickled object, or a damaged file: never unpickled
+        raise LorahubIntegrityError(f"refused: {state_file} cannot be read as plain tensors ({type(e).__name__}); "
+                                    f"lorahub never unpickles Python objects. Delete {folder} to restart the run") from None
 
 
 def write_checkpoint(out: Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
@@ -415,8 +419,9 @@ def _keep_log(out: Path, before_step: int) -> None:
     path = out / TRAIN_LOG
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-             if ln.strip() and json.loads(ln).get("step", -1) < before_step]
+    text = path.read_text(encoding="utf-8")
+    whole = text.splitlines()[: text.count("\n")]  # a line cut by a kill has no newline: dropped
+    lines = [ln for ln in whole if ln.strip() and json.loads(ln).get("step", -1) < before_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
@@ -440,6 +445,7 @@ class TrainResult:
         return self.out / method
 
 
+@locked_output("out")
 def train_mixlora(
     model: nn.Module,
     tokenizer: Any,
@@ -453,7 +459,8 @@ def train_mixlora(
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train every model of ``config.methods`` together on task-mixed batches of ``tasks`` (train examples);
-    save each to ``out/<method>/``. Resumes from ``out/checkpoint/``; ``model`` is left as it came.
+    save each to ``out/<method>/``. Resumes from ``out/checkpoint/``; ``model`` is left as it came. The call
+    holds ``out``'s lock (:func:`lorahub.files.output_lock`): a second run into ``out`` is refused.
 
     ``on_step(steps_done)`` is called after each step (after its checkpoint, if one is due).
     """
@@ -554,8 +561,7 @@ def train_mixlora(
                 if due:
                     record["expert_usage"] = {m: {p: c.tolist() for p, c in u.items()}
                                               for m, u in usage.items() if configs[m].num_experts > 1}
-                with open(out / TRAIN_LOG, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(out / TRAIN_LOG, json.dumps(record))  # one write: a kill never splits a line
                 if due:
                     write_checkpoint(out, state(done), fingerprint)
                 if bar is not None:
@@ -625,6 +631,7 @@ def usage_summary(usage: Mapping[str, Mapping[str, Sequence[int]]]) -> str:
     return "\n".join(lines)
 
 
+@locked_output("out")
 def evaluate_models(
     model: nn.Module,
     tokenizer: Any,

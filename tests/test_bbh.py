@@ -112,6 +112,10 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert ref["optimizer"] != default["optimizer"] and ref["evals"] == 40
     assert default["evals"] == 4 + 8 and default["probe_singles"]  # the 4 single modules probed, then the budget
     assert len(ref["weights"]) == 4 and best["evals"] == 4 and list(best["weights"].values()) == [1.0]
+    # the reference's objective and draw order; the selection is in every lorahub row
+    assert (ref["loss_scale"], ref["candidate_order"], default["loss_scale"]) == ("per-example", "sample", "token-mean")
+    assert ref["selection"]["selector"] == default["selection"]["selector"] == "random"
+    assert list(ref["weights"]) == ref["selection"]["modules"] and ref["objective"] < ref["loss"]
     for r in rows:
         assert r["n_test"] == 3 and len(r["predictions"]) == 3 and r["n_learn"] == 5 and 0 <= r["em"] <= 100
         assert r["tokens_per_example"] > 0 and r["eval_seconds"] > 0 and r["config"]

@@ -194,3 +194,56 @@ def test_save_module_rewrites_a_shipped_module_byte_for_byte(tmp_path):
         assert (tmp_path / "m" / name).read_bytes() == (src / name).read_bytes(), name
     keys = sorted(load_file(str(weights)))
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 2 * len(halves)
+
+
+def test_build_renders_letters_and_stores_task_embeddings(base_dir, tmp_path):
+    """A `task:letters` unit trains on lettered options and is recorded so; every module gets its task embedding,
+    equal to an independent computation: the mean of the normalised MiniLM embeddings of its training inputs."""
+    from sentence_transformers import SentenceTransformer
+
+    from lorahub.bigbench import read_task, split_examples
+    from lorahub.embed import embedder_path, embeddings_file, read_embeddings
+    from lorahub.store import read_manifest
+
+    pool = write_pool(tmp_path / "pool", ["colors", "answers"])
+    out = tmp_path / "hub" / "tiny"
+    mpath = build_hub(pool, str(base_dir), out, TrainConfig(**FAST), only=["colors", "colors:letters", "answers"],
+                      eval_examples=4, require_improvement=False, progress=False)
+    data = read_manifest(mpath)
+    assert [(e["name"], e["format"]) for e in data["modules"]] == [
+        ("colors", "native"), ("colors--letters", "letters"), ("answers", "native")]
+    rows = hub_report(mpath)
+    assert [r["format"] for r in rows] == ["native", "letters", "native"] and "format" in format_table(rows)
+    letters = json.loads((out / "colors--letters" / "lorahub_train.json").read_text())["manifest_entry"]["examples"][0]
+    assert "\nOptions:\n(A) " in letters["input"] and letters["output"] in [f"({c})" for c in "ABCDE"]
+
+    info = data["embeddings"]
+    assert info["dim"] == 384 and info["embedder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    vectors = read_embeddings(mpath, data)  # checks the recorded sha256
+    assert set(vectors) == {"colors", "colors--letters", "answers"} and embeddings_file(mpath).is_file()
+    st = SentenceTransformer(embedder_path())
+    for name, task, fmt in [("colors", "colors", "native"), ("colors--letters", "colors", "letters")]:
+        train, _ = split_examples(read_task(pool, task, None, fmt).examples, seed=0, heldout=50)
+        want = torch.nn.functional.normalize(torch.as_tensor(st.encode([e.input for e in train])), dim=-1).mean(0)
+        torch.testing.assert_close(vectors[name], want, rtol=1e-4, atol=1e-5)
+        assert next(e for e in data["modules"] if e["name"] == name)["embedding_inputs"] == len(train)
+    assert not torch.allclose(vectors["colors"], vectors["colors--letters"])
+
+    # `lorahub hub embed` recomputes the same vectors for an existing hub (here: from the task folder)
+    from lorahub.cli import main
+
+    before = {k: v.clone() for k, v in vectors.items()}
+    del data["embeddings"]
+    mpath.write_text(json.dumps(data))
+    assert main(["hub", "embed", str(mpath), "--tasks", str(pool), "--no-progress"]) == 0
+    again = read_embeddings(mpath, read_manifest(mpath))
+    for k in before:
+        torch.testing.assert_close(again[k], before[k], rtol=1e-5, atol=1e-6)
+
+
+def test_hub_embed_without_task_data_names_the_module(tmp_path):
+    from lorahub.cli import main
+
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"name": "m", "modules": [{"name": "mod0", "location": "mod0", "task": "t"}]}))
+    assert main(["hub", "embed", str(manifest), "--no-progress"]) == 2

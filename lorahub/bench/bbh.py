@@ -112,7 +112,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, shots: in
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
             raise LorahubValueError(f"{file}: examples[{i}] needs string 'input' and 'target'")
-        examples.append(Example(row["input"], row["target"]))
+        examples.append(Example(row["input"], row["target"], f"{file} examples[{i}]"))
     learn, test = split_indices(len(examples), shots, seed)
     if limit is not None:
         if limit < 1:

@@ -7,21 +7,28 @@ first newline; :func:`lorahub.generate.generate`) and scores exact match. So a n
 ``prepare`` function and one :func:`register` call; ``adapter:DIR`` (:func:`adapter_method`) is built that
 way, for evaluating a saved adapter folder.
 
-==================  ======  ================================================================================
-name                seeded  what it does
-==================  ======  ================================================================================
-zero-shot           no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
-icl                 no      the 5 learning examples as Q/A blocks in the prompt
-best-single         no      the hub module with the lowest few-shot loss (all modules scored in one pass)
-lorahub-reference   yes     LoraHub as published: 20 random modules, budget 40, ``optimizer="ngopt"``
-lorahub-default     yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
-                            beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
-                            with batched evaluation, budget 40 (``--budget``)
-lorahub-routed      yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
-                            gradient on the learning examples (``compose(method="routed")``; not in the defaults)
-adapter:NAME        no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
-                            run with its routers
-==================  ======  ================================================================================
+======================  ======  ================================================================================
+name                    seeded  what it does
+======================  ======  ================================================================================
+zero-shot               no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
+icl                     no      the 5 learning examples as Q/A blocks in the prompt
+best-single             no      the hub module with the lowest few-shot loss (all modules scored in batched passes)
+lorahub-reference       yes     LoraHub as published: 20 random modules in ``random.sample`` order, budget 40,
+                                ``optimizer="ngopt"`` (Cobyla) from w = 0, the reference's objective (loss / number
+                                of examples + 0.05·mean|w|; ``loss_scale="per-example"``, ``candidate_order="sample"``)
+lorahub-default         yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
+                                beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
+                                with batched evaluation, budget 40 (``--budget``)
+lorahub-retrieve        yes     lorahub-default over the 20 modules whose task embeddings are nearest the learning
+                                inputs (``select="retrieve"``; needs the hub's embeddings; not in the defaults)
+lorahub-probe           yes     lorahub-default over the 20 modules of lowest single-module loss (``select="probe"``:
+                                all N modules scored first, N evaluations; not in the defaults)
+lorahub-retrieve-probe  yes     lorahub-default over the 20 lowest-loss of the 40 nearest (``select="retrieve+probe"``)
+lorahub-routed          yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
+                                gradient on the learning examples (``compose(method="routed")``; not in the defaults)
+adapter:NAME            no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
+                                run with its routers
+======================  ======  ================================================================================
 """
 
 from __future__ import annotations
@@ -220,40 +227,45 @@ def _icl(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepa
 
 
 def _best_single(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
-    """Score every hub module alone (weight 1) on the learning examples in one batched pass; keep the best."""
+    """Score every hub module alone (weight 1) on the learning examples in batched passes; keep the best.
+
+    The scores are the ``probe`` selector's (:func:`lorahub.select.probe_losses`); ties go to the first in store order."""
     from ..api import from_weights
-    from ..evaluate import PopulationEvaluator
+    from ..select import SelectionTask, probe_losses
 
     model, tok = worker.model_and_tokenizer
     store = worker.store
     t0 = time.perf_counter()
-    p = next(model.parameters())
-    stacked = store.stack(store.names, model, base_name=getattr(model, "lorahub_base_name", None),
-                          device=p.device, dtype=p.dtype)
-    with PopulationEvaluator(model, tok, stacked, as_examples(task.learning_examples())) as ev:
-        losses = ev.score(torch.eye(len(stacked)))  # (N,): module i alone at weight 1
-    best = int(torch.argmin(losses))
-    name = stacked.names[best]
+    losses = probe_losses(store, store.names, SelectionTask(as_examples(task.learning_examples()), model, tok,
+                                                            getattr(model, "lorahub_base_name", None)))
+    name = min(losses, key=losses.__getitem__)
     comp = from_weights({name: 1.0}, store, (model, tok))
-    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, len(stacked),
-                    {"weights": {name: 1.0}, "loss": float(losses[best]),
-                     "module_losses": {n: round(float(l), 5) for n, l in zip(stacked.names, losses)}})
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, len(losses),
+                    {"weights": {name: 1.0}, "loss": losses[name],
+                     "module_losses": {n: round(l, 5) for n, l in losses.items()}})
 
 
 def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
-    """LoraHub: ``num_candidates`` random modules (drawn with ``seed``), weights searched on the learning examples."""
+    """LoraHub: ``num_candidates`` modules (chosen by ``spec["select"]``, default random with ``seed``), weights
+    searched on the learning examples. Settings a spec leaves out take lorahub's defaults (random selection in
+    store order, token-mean loss), so the specs of earlier runs keep meaning what they meant.
+
+    ``evals`` counts the selection's evaluations (probe) with the search's."""
     from ..api import compose
 
     t0 = time.perf_counter()
     comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
                    num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
                    optimizer=spec["optimizer"], l1=spec.get("l1", SearchConfig.l1), probe_singles=spec.get("probe_singles"),
-                   start=spec.get("start", "zero"), step=spec.get("step", SearchConfig.step), seed=seed, progress=worker.progress)
+                   start=spec.get("start", "zero"), step=spec.get("step", SearchConfig.step),
+                   select=spec.get("select", "random"), candidate_order=spec.get("candidate_order", "store"),
+                   loss_scale=spec.get("loss_scale", "token-mean"), seed=seed, progress=worker.progress)
     r = comp.record
-    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"],
-                    {"weights": comp.weights, "loss": comp.loss, "zero_weight_loss": r["zero_weight_loss"],
-                     "optimizer": r["optimizer"], "population": r["population"], "probe_singles": r.get("probe_singles"),
-                     "search_seconds": r["seconds"]})
+    return Prepared(task.test_prompts, comp, time.perf_counter() - t0, r["evaluations"] + r["selection"]["evaluations"],
+                    {"weights": comp.weights, "loss": comp.loss, "objective": comp.objective,
+                     "zero_weight_loss": r["zero_weight_loss"], "optimizer": r["optimizer"], "population": r["population"],
+                     "probe_singles": r.get("probe_singles"), "loss_scale": r["loss_scale"],
+                     "candidate_order": r["candidate_order"], "selection": r["selection"], "search_seconds": r["seconds"]})
 
 
 def _lorahub_routed(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
@@ -319,15 +331,27 @@ def adapter_method(path: str | os.PathLike) -> Method:
 register(Method("zero-shot", _zero_shot, label="Zero-shot"))
 register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
-register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,  # the paper's settings, fixed on purpose
+# the paper's settings, fixed on purpose: its draw order and its objective (loss / number of examples + l1), tested
+# against sail-sg/lorahub's algorithm.py (tests/test_reference.py)
+register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
-                      "probe_singles": False},
+                      "probe_singles": False, "start": "zero", "select": "random", "candidate_order": "sample",
+                      "loss_scale": "per-example"},
                 label="LoraHub-reference (ngopt, as published)"))
-register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True,
-                spec={"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
-                      "optimizer": SearchConfig.optimizer, "population": SearchConfig.population, "l1": SearchConfig.l1,
-                      "probe_singles": True, "start": SearchConfig.start, "step": SearchConfig.step},
+# lorahub-default's spec leaves select / candidate_order / loss_scale out: they are lorahub's defaults (random, store,
+# token-mean), and a spec that changes refuses to mix with the results made before (runner.check_config)
+LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
+                        "optimizer": SearchConfig.optimizer, "population": SearchConfig.population, "l1": SearchConfig.l1,
+                        "probe_singles": True, "start": SearchConfig.start, "step": SearchConfig.step}
+register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, spec=dict(LORAHUB_DEFAULT_SPEC),
                 label="lorahub-default (CMA-ES from the best single module, batched)"))
+register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
+                label="lorahub-retrieve (nearest modules by task embedding, CMA-ES)"))
+register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "probe"},
+                label="lorahub-probe (lowest single-module loss, CMA-ES)"))
+register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True,
+                spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
+                label="lorahub-retrieve-probe (lowest loss of the 2k nearest, CMA-ES)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
                 label="lorahub-routed (learnt top-2 routers)"))

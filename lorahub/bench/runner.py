@@ -9,7 +9,9 @@
 
 A rerun with the same OUT skips every job already in results.jsonl. A rerun whose protocol differs, or
 that gives a method already in OUT other settings (budget, hub, adapter), is refused: results of two
-configurations are never mixed. A crash can at worst leave a partial last line, which is dropped.
+configurations are never mixed. A crash can at worst leave a partial last line, which is dropped. A run
+holds OUT's lock (:func:`lorahub.files.output_lock`) from start to end, so a second run on the same OUT is
+refused at once instead of running the same jobs and appending them twice; with Ray only the driver writes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import atomic_write_json
+from ..files import append_line, atomic_write_json, output_lock, read_json
 from ..errors import LorahubError, LorahubValueError
 from ..models import default_device
 from ..optimize import SearchConfig
@@ -118,7 +120,7 @@ def check_config(out: Path, protocol: dict[str, Any], specs: dict[str, dict[str,
     path = out / CONFIG
     known: dict[str, Any] = {}
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path, "bbh run config")
         if saved.get("protocol") != protocol:
             diff = [f"{k}: {saved['protocol'].get(k)!r} -> {protocol.get(k)!r}"
                     for k in sorted(set(protocol) | set(saved.get("protocol", {})))
@@ -165,13 +167,7 @@ def read_results(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
 
 def append_result(path: Path, row: dict[str, Any]) -> None:
     """Append one line with a single write, flushed to disk before the next job starts."""
-    line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(path, json.dumps(row, ensure_ascii=False), sync=True)
 
 
 def job_key(row: dict[str, Any]) -> Job:
@@ -241,8 +237,18 @@ def plan(cfg: BBHConfig, device: str) -> Plan:
 
 
 def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or resume) the configured jobs into ``cfg.out``; write summary.md and per_task.png; return all rows."""
+    """Run (or resume) the configured jobs into ``cfg.out``; write summary.md and per_task.png; return all rows.
+
+    The whole run holds ``cfg.out``'s lock: a second run on the same folder raises
+    :class:`~lorahub.errors.LorahubBusyError` (naming the holder's pid) before it writes anything.
+    """
     out = Path(cfg.out)
+    with output_lock(out):
+        return run_locked(cfg, out, log)
+
+
+def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """:func:`run_bbh`'s work, once it holds the lock of ``out``."""
     ray_ctx = _RayCluster(cfg) if cfg.ray else None
     try:
         device = cfg.device or (ray_ctx.device if ray_ctx else str(default_device()))
@@ -286,7 +292,7 @@ def report_bbh(out: str | os.PathLike, *, log: Callable[[str], None] = print) ->
     out = Path(out)
     if not (out / CONFIG).is_file():
         raise LorahubValueError(f"{out} has no {CONFIG}: not a `lorahub bbh --out` folder, or no run has started there")
-    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    saved = read_json(out / CONFIG, "bbh run config")
     rows = read_results(out / RESULTS, repair=False)
     text = report.write_report(out, rows, saved["protocol"], saved.get("methods", {}))
     log(text)

@@ -25,47 +25,53 @@ def cmd_compose(cfg: ComposeConfig, *, command: str) -> int:
     from ..api import compose
     from ..data import read_jsonl
     from ..export import check_output_dir
+    from ..files import output_lock
     from ..metrics import exact_match
     from ..routed import CONFIG_FILE as ROUTED_CONFIG
 
-    routed = cfg.method == "routed"
-    # before the model loads: a folder lorahub did not write fails now, not after the search
-    check_output_dir(cfg.out, **({"marker": ROUTED_CONFIG} if routed else {}))
-    examples = read_jsonl(cfg.examples)
-    held_out = read_jsonl(cfg.eval_examples) if cfg.eval_examples else None
-    search = {} if routed else dict(out_dir=cfg.out)
-    result = compose(
-        [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,
-        base_model=cfg.base_model, num_candidates=cfg.num_candidates, budget=cfg.budget, population=cfg.population,
-        optimizer=cfg.optimizer, l1=cfg.l1, bounds=(cfg.lower, cfg.upper), seed=cfg.seed, device=cfg.device,
-        probe_singles=cfg.probe_singles, start=cfg.start, step=cfg.step,
-        progress=cfg.progress, max_rows=cfg.max_rows, command=command,
-        method=cfg.method, routed=cfg.routed_config() if routed else None, **search,
-    )
-    r = result.record
-    if routed:
-        print(f"base model {r['base_model']}  routed: {r['num_router_params']} router parameters over "
-              f"{len(r['modules'])} modules{' + the zero expert' if result.config.null_expert else ''}, top-{result.config.top_k}, {r['steps']} steps in {r['seconds']:.1f} s")
-        print(f"few-shot loss: base {r['zero_weight_loss']:.4f}  initial routers {r['initial_loss']:.4f} "
-              f"-> routed {result.loss:.4f}")
-        print("mean gate per module on the few-shot tokens:")
-        for name, g in sorted(r["module_usage"].items(), key=lambda kv: -kv[1]):
-            print(f"  {g:.4f}  {name}")
-    else:
-        print(f"base model {r['base_model']}  optimizer {r['optimizer']}  {r['evaluations']} evaluations in {r['seconds']:.1f} s")
-        print(f"few-shot loss: w=0 {r['zero_weight_loss']:.4f} -> composed {result.loss:.4f}")
-        print("weights:")
-        for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
-            print(f"  {w:+.4f}  {name}")
-    if held_out is not None:
-        inputs, refs = [e.input for e in held_out], [e.output for e in held_out]
-        before = exact_match(base_predictions(result, inputs), refs)
-        after = exact_match(result.predict(inputs, progress=cfg.progress), refs)
-        r["held_out"] = {"file": cfg.eval_examples, "n": len(refs), "exact_match_base": before, "exact_match_composed": after}
-        print(f"held-out exact match ({len(refs)} examples): base {before:.1f} -> composed {after:.1f}")
-    out = result.save(cfg.out, merged=cfg.merged)
-    print(f"{'routed composition' if routed else 'adapter'} written to {out}")
-    return 0
+    with output_lock(cfg.out):  # one writer per output folder; a second process is refused
+        routed = cfg.method == "routed"
+        # before the model loads: a folder lorahub did not write fails now, not after the search
+        check_output_dir(cfg.out, **({"marker": ROUTED_CONFIG} if routed else {}))
+        examples = read_jsonl(cfg.examples)
+        held_out = read_jsonl(cfg.eval_examples) if cfg.eval_examples else None
+        search = {} if routed else dict(out_dir=cfg.out)
+        result = compose(
+            [{"input": e.input, "output": e.output} for e in examples], modules=cfg.modules or cfg.hub,
+            base_model=cfg.base_model, num_candidates=cfg.num_candidates, select=cfg.select,
+            candidate_order=cfg.candidate_order, loss_scale=cfg.loss_scale, budget=cfg.budget, population=cfg.population,
+            optimizer=cfg.optimizer, l1=cfg.l1, bounds=(cfg.lower, cfg.upper), seed=cfg.seed, device=cfg.device,
+            probe_singles=cfg.probe_singles, start=cfg.start, step=cfg.step,
+            progress=cfg.progress, max_rows=cfg.max_rows, max_length=cfg.max_length, command=command,
+            method=cfg.method, routed=cfg.routed_config() if routed else None, **search,
+        )
+        r = result.record
+        if routed:
+            print(f"base model {r['base_model']}  routed: {r['num_router_params']} router parameters over "
+                  f"{len(r['modules'])} modules{' + the zero expert' if result.config.null_expert else ''}, top-{result.config.top_k}, {r['steps']} steps in {r['seconds']:.1f} s")
+            print(f"few-shot loss: base {r['zero_weight_loss']:.4f}  initial routers {r['initial_loss']:.4f} "
+                  f"-> routed {result.loss:.4f}")
+            print("mean gate per module on the few-shot tokens:")
+            for name, g in sorted(r["module_usage"].items(), key=lambda kv: -kv[1]):
+                print(f"  {g:.4f}  {name}")
+        else:
+            print(f"base model {r['base_model']}  optimizer {r['optimizer']}  {r['evaluations']} evaluations in {r['seconds']:.1f} s")
+            sel = r["selection"]
+            print(f"candidates: {len(r['modules'])} by {sel['selector']} ({sel['evaluations']} evaluations, "
+                  f"{sel['seconds']:.1f} s), {r['candidate_order']} order; objective loss scale {r['loss_scale']}")
+            print(f"few-shot loss: w=0 {r['zero_weight_loss']:.4f} -> composed {result.loss:.4f}")
+            print("weights:")
+            for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
+                print(f"  {w:+.4f}  {name}")
+        if held_out is not None:
+            inputs, refs = [e.input for e in held_out], [e.output for e in held_out]
+            before = exact_match(base_predictions(result, inputs), refs)
+            after = exact_match(result.predict(inputs, progress=cfg.progress), refs)
+            r["held_out"] = {"file": cfg.eval_examples, "n": len(refs), "exact_match_base": before, "exact_match_composed": after}
+            print(f"held-out exact match ({len(refs)} examples): base {before:.1f} -> composed {after:.1f}")
+        out = result.save(cfg.out, merged=cfg.merged)
+        print(f"{'routed composition' if routed else 'adapter'} written to {out}")
+        return 0
 
 
 def base_predictions(result: Any, inputs: list[str]) -> list[str]:
@@ -78,20 +84,22 @@ def base_predictions(result: Any, inputs: list[str]) -> list[str]:
 def cmd_merge(cfg: MergeConfig, *, command: str) -> int:
     from ..api import from_weights
     from ..export import check_output_dir
+    from ..files import output_lock
     from ..mixlora import NOT_MERGEABLE, is_mixlora_folder
     from ..routed import CONFIG_FILE as ROUTED_CONFIG
 
-    if is_mixlora_folder(cfg.adapter):
-        raise LorahubError(f"{cfg.adapter} {NOT_MERGEABLE}")
-    if (Path(cfg.adapter) / ROUTED_CONFIG).is_file():
-        raise LorahubError(f"{cfg.adapter} is a routed composition: its routers weight the modules per token, so "
-                           "the update depends on the input and cannot be merged; compose with --method static "
-                           "for a mergeable adapter")
-    check_output_dir(cfg.out)
-    comp = from_weights({Path(cfg.adapter).name: 1.0}, [cfg.adapter], cfg.base_model, device=cfg.device)
-    out = comp.save(cfg.out, merged=True)
-    print(f"merged model written to {out / 'merged'} (adapter copy and record beside it)")
-    return 0
+    with output_lock(cfg.out):  # one writer per output folder; a second process is refused
+        if is_mixlora_folder(cfg.adapter):
+            raise LorahubError(f"{cfg.adapter} {NOT_MERGEABLE}")
+        if (Path(cfg.adapter) / ROUTED_CONFIG).is_file():
+            raise LorahubError(f"{cfg.adapter} is a routed composition: its routers weight the modules per token, so "
+                               "the update depends on the input and cannot be merged; compose with --method static "
+                               "for a mergeable adapter")
+        check_output_dir(cfg.out)
+        comp = from_weights({Path(cfg.adapter).name: 1.0}, [cfg.adapter], cfg.base_model, device=cfg.device)
+        out = comp.save(cfg.out, merged=True)
+        print(f"merged model written to {out / 'merged'} (adapter copy and record beside it)")
+        return 0
 
 
 def register(sub: Any) -> None:

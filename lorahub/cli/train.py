@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,49 +61,51 @@ def cmd_train(run: TrainRunConfig, config: MixTrainConfig, *, command: str) -> i
     import torch
 
     from ..export import check_output_dir
+    from ..files import output_lock, read_json
     from ..mixlora_train import (
         RUN_CONFIG, evaluate_models, model_configs, quality_table, train_mixlora, trainable_params, usage_summary,
     )
     from ..models import load_base
 
-    check_output_dir(run.out, marker=RUN_CONFIG)  # a rerun into its own folder resumes
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    data = load_run_tasks(run, config.seed)
-    print(f"{len(data)} tasks: " + ", ".join(f"{t} ({len(tr)} train / {len(ho)} held out)" for t, (tr, ho) in data.items()))
-    # fp32 base: the adapter layers are fp32 (lorahub.train.MultiLoraLinear does not cast a bf16 input)
-    model, tokenizer = load_base(run.base_model, device=run.device, dtype=torch.float32)
-    configs = model_configs(config, model)
-    params = {m: trainable_params(c, model) for m, c in configs.items()}
-    for m, c in configs.items():
-        shape = f"N={c.num_experts}, k={c.top_k}, r={c.r}" if m == "mixlora" else f"r={c.r}, alpha={c.alpha:g}"
-        print(f"{m}: {params[m]:,} trainable parameters ({shape}, attention LoRA on {','.join(c.attn_targets) or 'none'})")
-    result = train_mixlora(model, tokenizer, {t: tr for t, (tr, _) in data.items()}, config, run.out,
-                           save_every=run.save_every, progress=run.progress)
-    if result.steps_run == 0:
-        print(f"{run.out}: already trained ({config.steps} steps); not retrained")
-    elif result.resumed_from:
-        print(f"resumed from the checkpoint at step {result.resumed_from}")
-    for m in config.methods:
-        tail = result.losses[m][-max(1, len(result.losses[m]) // 10):]
-        print(f"{m}: final train loss {sum(tail) / len(tail):.4f}  saved to {result.folder(m)}")
-    summary = usage_summary(result.usage)
-    if summary:
-        print(summary)
-    quality = Path(run.out) / "quality.json"
-    if run.eval and result.steps_run == 0 and quality.is_file():  # finished and scored: show, don't redo
-        record = json.loads(quality.read_text(encoding="utf-8"))
-        same = (record.get("eval_examples"), record.get("columns"), list(record.get("tasks", {})))
-        if same == (run.eval_examples, ["base", *config.methods], list(data)):
+    with output_lock(run.out):  # one writer per output folder; a second process is refused
+        check_output_dir(run.out, marker=RUN_CONFIG)  # a rerun into its own folder resumes
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        data = load_run_tasks(run, config.seed)
+        print(f"{len(data)} tasks: " + ", ".join(f"{t} ({len(tr)} train / {len(ho)} held out)" for t, (tr, ho) in data.items()))
+        # fp32 base: the adapter layers are fp32 (lorahub.train.MultiLoraLinear does not cast a bf16 input)
+        model, tokenizer = load_base(run.base_model, device=run.device, dtype=torch.float32)
+        configs = model_configs(config, model)
+        params = {m: trainable_params(c, model) for m, c in configs.items()}
+        for m, c in configs.items():
+            shape = f"N={c.num_experts}, k={c.top_k}, r={c.r}" if m == "mixlora" else f"r={c.r}, alpha={c.alpha:g}"
+            print(f"{m}: {params[m]:,} trainable parameters ({shape}, attention LoRA on {','.join(c.attn_targets) or 'none'})")
+        result = train_mixlora(model, tokenizer, {t: tr for t, (tr, _) in data.items()}, config, run.out,
+                               save_every=run.save_every, progress=run.progress)
+        if result.steps_run == 0:
+            print(f"{run.out}: already trained ({config.steps} steps); not retrained")
+        elif result.resumed_from:
+            print(f"resumed from the checkpoint at step {result.resumed_from}")
+        for m in config.methods:
+            tail = result.losses[m][-max(1, len(result.losses[m]) // 10):]
+            print(f"{m}: final train loss {sum(tail) / len(tail):.4f}  saved to {result.folder(m)}")
+        summary = usage_summary(result.usage)
+        if summary:
+            print(summary)
+        quality = Path(run.out) / "quality.json"
+        if run.eval and result.steps_run == 0 and quality.is_file():  # finished and scored: show, don't redo
+            record = read_json(quality, "quality record")
+            same = (record.get("eval_examples"), record.get("columns"), list(record.get("tasks", {})))
+            if same == (run.eval_examples, ["base", *config.methods], list(data)):
+                print(quality_table(record))
+                print(f"quality (from an earlier call) in {Path(run.out) / 'quality.md'}")
+                return 0
+        if run.eval:
+            record = evaluate_models(model, tokenizer, {t: ho for t, (_, ho) in data.items()}, run.out, config.methods,
+                                     eval_examples=run.eval_examples, command=command, params=params)
             print(quality_table(record))
-            print(f"quality (from an earlier call) in {Path(run.out) / 'quality.md'}")
-            return 0
-    if run.eval:
-        record = evaluate_models(model, tokenizer, {t: ho for t, (_, ho) in data.items()}, run.out, config.methods,
-                                 eval_examples=run.eval_examples, command=command, params=params)
-        print(quality_table(record))
-        print(f"quality written to {Path(run.out) / 'quality.md'}")
-    return 0
+            print(f"quality written to {Path(run.out) / 'quality.md'}")
+        return 0
 
 
 def register(sub: Any) -> None:
