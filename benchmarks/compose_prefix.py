@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--task", default="natural_instructions__subtask029_winogrande_full_object")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--hub", default=None, help="module hub (default: the default hub)")
+    ap.add_argument("--budget", type=int, default=None, help="compose's budget (default: SearchConfig's)")
+    ap.add_argument("--num-candidates", type=int, default=None, help="compose's candidates (default: SearchConfig's)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -39,7 +41,8 @@ def main() -> None:
     for name, threshold in (("whole", 0), ("shared", default)):
         lorahub.evaluate.MIN_SHARED_PREFIX = threshold
         t = time.perf_counter()
-        comp = compose(examples, args.hub, progress=False)
+        search = {k: v for k, v in (("budget", args.budget), ("num_candidates", args.num_candidates)) if v}
+        comp = compose(examples, args.hub, progress=False, **search)
         runs[name] = (time.perf_counter() - t, comp)
     lorahub.evaluate.MIN_SHARED_PREFIX = default
     (t_whole, whole), (t_shared, shared) = runs["whole"], runs["shared"]

@@ -36,7 +36,7 @@ from .models import is_seq2seq
 from .store import StackedModules
 
 
-MIN_SHARED_PREFIX = 64  # shared tokens below which the plain path is as fast (benchmarks/evaluator.py)
+MIN_SHARED_PREFIX = 16  # shared tokens below which sharing buys nothing (benchmarks/evaluator.py: 11 tokens 1.03x)
 
 
 class PopulationEvaluator:

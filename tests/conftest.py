@@ -136,10 +136,4 @@ def tiny_model_and_tokenizer(seed: int = 0):
     return model, tok
 
 
-EXAMPLES = [
-    {"input": "Q: What is 2 plus 2?\nA:", "output": "4"},
-    {"input": "Q: Name the capital of France.\nA:", "output": "Paris"},
-    {"input": "Q: Is the sky blue?\nA:", "output": "yes"},
-    {"input": "Q: Spell cat backwards.\nA:", "output": "tac"},
-    {"input": "Q: What colour is grass?\nA:", "output": "green"},
-]
+from faults import EXAMPLES  # noqa: E402  (the few-shot examples every test composes on; defined once, there)
