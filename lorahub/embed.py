@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import LorahubFileError, LorahubIntegrityError, LorahubValueError
-from .files import atomic_dir, sha256_file
+from .files import atomic_dir, atomic_write_bytes, sha256_file
 from .models import cache_dir
 
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -85,18 +85,13 @@ def embeddings_file(manifest: str | os.PathLike) -> Path:
 def write_embeddings(manifest_data: dict[str, Any], manifest: str | os.PathLike, vectors: Mapping[str, torch.Tensor],
                      counts: Mapping[str, int], embedder_name: str) -> None:
     """Write the vectors beside the manifest (temp file + rename) and record them in ``manifest_data`` (not saved here)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = embeddings_file(manifest)
     dims = {int(v.numel()) for v in vectors.values()}
     if len(dims) != 1:
         raise LorahubValueError(f"embeddings of different dimensions {sorted(dims)}; use one embedder for a hub")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({n: v.reshape(-1).float().contiguous() for n, v in sorted(vectors.items())}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, save({n: v.reshape(-1).float().contiguous() for n, v in sorted(vectors.items())}))
     manifest_data["embeddings"] = {
         "embedder": embedder_name, "dim": dims.pop(), "file": path.name, "sha256": sha256_file(path),
         "vector": "mean of the L2-normalised sentence embeddings of the module's training inputs",

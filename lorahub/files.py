@@ -81,6 +81,11 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and a rename; a full or read-only disk is one clear error."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +96,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             raise write_error(path, e) from None
         raise
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
