@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .data import Example, iter_jsonl, read_jsonl
 from .errors import LorahubFileError, LorahubValueError
@@ -50,6 +51,15 @@ DEFAULT_CHOICE_PREFIX = "\n  choice: "
 MIN_HELDOUT = 50  # examples of each task kept out of training, for the module's quality report
 FORMATS = ("native", "letters")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+LETTER_ANSWER = re.compile(r"\s*\([A-Z]\)\s*")
+
+
+def answer_format(outputs: Sequence[str]) -> str:
+    """The :data:`FORMATS` name of a task's answers: ``"letters"`` when every one is an option letter such as
+    ``(B)`` (BBH's multiple-choice tasks, the ``--letters`` modules), else ``"native"``."""
+    return "letters" if outputs and all(LETTER_ANSWER.fullmatch(o) for o in outputs) else "native"
 
 
 def parse_unit(spec: str) -> tuple[str, str]:

@@ -46,7 +46,29 @@ OPTIMIZERS: dict[str, Callable[..., ng.optimizers.base.Optimizer]] = {
     "cma": _cma,
     "ngopt": _ngopt,
 }
+NEVERGRAD_PREFIX = "ng:"  # "ng:NAME": any optimizer of nevergrad's registry, e.g. "ng:TwoPointsDE"
 DEFAULT_POPULATION = {"ngopt": 1}  # the reference asks and tells one candidate at a time
+
+
+def optimizer_factory(name: str) -> Callable[..., ng.optimizers.base.Optimizer]:
+    """``name``'s factory ``(param, budget, population, step) -> optimizer``: one of :data:`OPTIMIZERS`, or
+    ``"ng:NAME"`` for ``ng.optimizers.registry[NAME]`` (``step`` unused; population 1 unless given: some of
+    them, Cobyla's kind, take one candidate at a time). Unknown names list the available ones."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    if name.startswith(NEVERGRAD_PREFIX) and name[len(NEVERGRAD_PREFIX):] in ng.optimizers.registry:
+        cls = ng.optimizers.registry[name[len(NEVERGRAD_PREFIX):]]
+
+        def make(param: ng.p.Array, budget: int, population: int, step: float) -> ng.optimizers.base.Optimizer:
+            try:
+                return cls(param, budget=budget, num_workers=population)
+            except ValueError as e:  # nevergrad: "... does not support parallelization"
+                raise LorahubValueError(f"optimizer {name!r} scores one candidate at a time; use population=1 "
+                                        f"(nevergrad: {e})") from None
+
+        return make
+    raise LorahubValueError(f"unknown optimizer {name!r}. Available: {', '.join(OPTIMIZERS)}, "
+                            f"or {NEVERGRAD_PREFIX}NAME for a name of nevergrad's registry (e.g. ng:TwoPointsDE)")
 
 
 MIN_GENERATIONS = 5  # a small budget still gets this many CMA-ES generations (benchmarks/search_tuning.py)
@@ -55,8 +77,8 @@ MIN_GENERATIONS = 5  # a small budget still gets this many CMA-ES generations (b
 def default_population(optimizer: str, num_modules: int, budget: int | None = None) -> int:
     """CMA-ES's own default, 4 + ⌊3·ln N⌋ (12 for N=20), capped at ``budget // MIN_GENERATIONS`` (8 at LoraHub's
     budget of 40: 5 generations rather than 3); 1 for the sequential reference."""
-    if optimizer in DEFAULT_POPULATION:
-        return DEFAULT_POPULATION[optimizer]
+    if optimizer in DEFAULT_POPULATION or optimizer.startswith(NEVERGRAD_PREFIX):
+        return DEFAULT_POPULATION.get(optimizer, 1)
     own = 4 + int(3 * math.log(max(num_modules, 1)))
     return own if budget is None else max(2, min(own, budget // MIN_GENERATIONS))
 
@@ -85,8 +107,7 @@ def divisor_of(loss_scale: str, num_examples: int) -> float:
 
 def check_search_options(optimizer: str, start: str, bounds: tuple[float, float], step: float) -> None:
     """The checks every search makes of its options, whether given to :func:`search` or to a config."""
-    if optimizer not in OPTIMIZERS:
-        raise LorahubValueError(f"unknown optimizer {optimizer!r}. Available: {', '.join(OPTIMIZERS)}")
+    optimizer_factory(optimizer)  # unknown names list the available ones
     lo, hi = bounds
     if not lo < 0 < hi:
         raise LorahubValueError(f"bounds must contain the start w=0 (lower < 0 < upper), got lower={lo}, upper={hi}")
@@ -106,14 +127,16 @@ class SearchConfig:
     Args:
         num_candidates: candidate modules chosen from the library by ``select`` (LoraHub: 20).
         select: how the candidates are chosen (:data:`lorahub.select.SELECTORS`): "random" (LoraHub's draw),
-            "retrieve" (embedding similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe".
+            "retrieve" (embedding similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe",
+            "format+retrieve" (retrieve, modules of the examples' answer format first).
         candidate_order: the candidates' order as search dimensions: "store" (the library's) or "sample" (the
             selector's: random's draw order, as the reference; the optimizer's path depends on it).
         loss_scale: the loss in the objective: "token-mean" (lorahub) or "per-example" (the reference's
             loss / number of examples, :data:`LOSS_SCALES`).
         budget: candidate evaluations (LoraHub: 40).
         population: candidates scored per batch (CMA default: 4 + 3 ln N, at most budget/5).
-        optimizer: "cma" (CMA-ES) or "ngopt" (the reference's NGOpt, which runs Cobyla).
+        optimizer: "cma" (CMA-ES), "ngopt" (the reference's NGOpt, which runs Cobyla) or "ng:NAME" (any of
+            nevergrad's registry, one candidate at a time unless ``population`` is set).
         l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
         lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
         seed: seeds the choice of modules and the optimizer.
@@ -127,14 +150,14 @@ class SearchConfig:
     num_candidates: int = field(default=20, metadata={"help": "candidate modules chosen from the library (by --select)"})
     select: str = field(default="random", metadata={
         "help": "how candidates are chosen: random (LoraHub), retrieve (embedding similarity to the examples), "
-                "probe (lowest single-module loss), retrieve+probe"})
+                "probe (lowest single-module loss), retrieve+probe, format+retrieve (the examples' answer format first)"})
     candidate_order: str = field(default="store", metadata={
         "help": "candidate order in the search: store (the library's) or sample (the selector's; the reference's)"})
     loss_scale: str = field(default="token-mean", metadata={
         "help": "loss in the objective: token-mean (lorahub) or per-example (the reference: loss / number of examples)"})
     budget: int = field(default=40, metadata={"help": "candidate evaluations"})
     population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
-    optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}, or ng:NAME (nevergrad's registry)"})
     l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
     lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
     upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
@@ -251,7 +274,7 @@ def search(
         best.start = "best-probe"
     param = ng.p.Array(init=init, lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
-    opt = OPTIMIZERS[optimizer](param, budget, population, step)
+    opt = optimizer_factory(optimizer)(param, budget, population, step)
     best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
     told = probe_values if probe_values is not None and best.start == "zero" else []
     for v, objective in zip(told, probe_objectives):

@@ -10,6 +10,7 @@ retrieve            the k modules whose task embedding is closest (cosine) to th
 probe               the k modules with the lowest few-shot loss alone (weight 1), all N scored in batched
                     passes of the :class:`~lorahub.evaluate.PopulationEvaluator` (N evaluations)
 retrieve+probe      retrieve 2k, keep the k of them with the lowest probe loss (2k evaluations)
+format+retrieve     retrieve among the modules of the examples' answer format (option letters or not) first
 ==================  ====================================================================================
 
 A :class:`Selection` keeps the chosen names in the selector's own order (random: the draw order; the others:
@@ -153,6 +154,22 @@ def select_retrieve(store: ModuleStore, k: int, seed: int, task: SelectionTask) 
     return Selection("retrieve", top_k(sims, k, highest=True), {"similarity": sims}, info={"embedder": embedder_name})
 
 
+def select_format_retrieve(store: ModuleStore, k: int, seed: int, task: SelectionTask) -> Selection:
+    """``retrieve`` among the modules trained in the examples' answer format first (the manifest's ``format``:
+    ``letters`` when every few-shot answer is an option letter, :func:`lorahub.bigbench.answer_format`), then the
+    others, each group by similarity. Why: a module that never produced the answer's format cannot be weighted
+    into producing it, and the sentence embedding of the inputs barely sees the format."""
+    from .bigbench import answer_format
+
+    sims, embedder_name = similarities(store, task)
+    fmt = answer_format([e.output for e in task.examples])
+    in_format = {n for n in store.names if store.specs[n].extra.get("format", "native") == fmt}
+    ranked = top_k(sims, len(sims), highest=True)
+    names = ([n for n in ranked if n in in_format] + [n for n in ranked if n not in in_format])[:k]
+    return Selection("format+retrieve", names, {"similarity": sims},
+                     info={"embedder": embedder_name, "answer_format": fmt, "in_format": len(in_format)})
+
+
 def probe_losses(store: ModuleStore, names: Sequence[str], task: SelectionTask, *,
                  chunk: int = PROBE_CHUNK) -> dict[str, float]:
     """Few-shot loss of each module alone (one-hot weight 1): batched passes, ``chunk`` modules stacked at once.
@@ -195,6 +212,7 @@ SELECTORS: dict[str, Selector] = {
     "retrieve": select_retrieve,
     "probe": select_probe,
     "retrieve+probe": select_retrieve_probe,
+    "format+retrieve": select_format_retrieve,
 }
 
 

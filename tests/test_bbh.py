@@ -277,3 +277,34 @@ def test_partial_run_report_compares_on_complete_tasks_only(tmp_path, capsys):
         from lorahub.bench.runner import report_bbh
 
         report_bbh(tmp_path / "nothing", log=lambda s: None)
+
+
+def test_tuning_tasks_are_every_third_task():
+    names = sorted(bbh.task_names())
+    assert list(bbh.TUNING_TASKS) == names[0::3] and len(names) == 27
+
+
+def test_paired_difference_counts_and_intervals():
+    from lorahub.bench.report import paired_difference, summary_markdown
+
+    rows, diffs = [], {}
+    for i, task in enumerate(["boolean_expressions", "navigate", "snarks", "web_of_lies"]):
+        for seed in (1, 2, 3):
+            d = [4.0, -2.0, 0.0, 6.0][i] + seed  # per-pair differences, written out below
+            diffs[(task, seed)] = d
+            for method, em in (("lorahub-default", 50.0 + d), ("lorahub-reference", 50.0)):
+                rows.append({"task": task, "method": method, "seed": seed, "em": em, "n_test": 10, "n_learn": 5,
+                             "tokens_per_example": 10.0, "compose_seconds": 1.0, "eval_seconds": 1.0, "evals": 40})
+    p = paired_difference(rows, "lorahub-default", "lorahub-reference")
+    values = sorted(diffs.values())
+    assert (p["pairs"], p["tasks"]) == (12, 4)
+    assert (p["wins"], p["losses"], p["ties"]) == (sum(v > 0 for v in values), sum(v < 0 for v in values), sum(v == 0 for v in values))
+    assert p["mean"] == pytest.approx(sum(values) / 12)
+    for lo, hi in (p["ci_pairs"], p["ci_tasks"]):
+        assert min(values) <= lo < p["mean"] < hi <= max(values)
+    # whole tasks resampled: the task means are 6, 0, 2, 8, so the interval can't reach past them
+    assert p["ci_tasks"][0] >= 0.0 and p["ci_tasks"][1] <= 8.0
+    assert paired_difference(rows, "lorahub-default", "icl") is None
+    text = summary_markdown(rows, {"base_model": "m", "dtype": "float32", "shots": 5, "split_seed": 42}, {})
+    assert "## Paired comparison" in text and "wins 10, loses 1, ties 1" in text
+    assert "tuning tasks" in text  # boolean_expressions is a tuning task, the others confirm

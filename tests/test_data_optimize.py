@@ -64,6 +64,22 @@ def test_ngopt_is_cobyla_sequential():
     assert "Cobyla" in r.optimizer and set(calls) == {1} and len(calls) == 10
 
 
+def test_nevergrad_registry_optimizers_by_name():
+    target = np.array([0.5, -0.3, 0.2])
+    calls = []
+    score = lambda W: calls.append(len(W)) or _quadratic(target)(W)  # noqa: E731
+    r = search(score, 3, budget=300, optimizer="ng:TwoPointsDE", population=6, l1=0.0, seed=1)
+    assert r.optimizer == "ng:TwoPointsDE:TwoPointsDE" and set(calls) == {6} and len(calls) == 50
+    assert np.allclose(r.weights, target, atol=0.1)
+    calls.clear()
+    r = search(score, 3, budget=12, optimizer="ng:Cobyla", l1=0.0)  # population 1 by default
+    assert set(calls) == {1} and len(calls) == 12
+    with pytest.raises(LorahubValueError, match="one candidate at a time; use population=1"):
+        search(score, 3, budget=12, optimizer="ng:Cobyla", population=4)
+    with pytest.raises(LorahubValueError, match=r"unknown optimizer 'ng:NoSuch'.*ng:NAME"):
+        search(score, 3, budget=12, optimizer="ng:NoSuch")
+
+
 def test_l1_and_bounds():
     r = search(lambda W: np.zeros(len(W)), 3, budget=24, population=8, l1=0.05)
     assert r.objective == pytest.approx(0.05 * np.abs(r.weights).mean())

@@ -79,7 +79,9 @@ def test_reference_weights_and_loss(six_modules, tiny_t5_dir):
 
 def test_float32_losses_match_the_reference(six_modules, tiny_t5):
     """In float32 the two forwards (PEFT's, the batched hooks) agree to float32 precision, not to the bit: measured
-    <= 1.2e-7 relative at these points (one float32 ulp), <= 2.4e-6 over all 40 points of the reference's path."""
+    <= 1.2e-7 relative at these points (one float32 ulp), <= 2.4e-6 over all 40 points of the reference's path, on
+    the Intel CPU that recorded the goldens; on an AMD EPYC the same code differs from them by 1.7e-6 (other float32
+    kernels), hence 1e-5. The float64 test above is the exact check."""
     from lorahub.data import as_examples
     from lorahub.evaluate import PopulationEvaluator
 
@@ -88,7 +90,7 @@ def test_float32_losses_match_the_reference(six_modules, tiny_t5):
     with PopulationEvaluator(model, tok, stacked, as_examples(EXAMPLES)) as ev:
         losses = ev.score(torch.tensor([w for w, _ in FLOAT32_POINTS]))
     for got, (_, theirs) in zip(losses.tolist(), FLOAT32_POINTS):
-        assert got / len(EXAMPLES) == pytest.approx(theirs, rel=1e-6)
+        assert got / len(EXAMPLES) == pytest.approx(theirs, rel=1e-5)
 
 
 def test_bbh_reference_method_uses_the_reference_objective_and_order():

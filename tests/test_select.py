@@ -68,8 +68,8 @@ def examples_of(task: str) -> list[dict]:
 
 
 def test_registry_and_unknown_names():
-    assert list(SELECTORS) == ["random", "retrieve", "probe", "retrieve+probe"]
-    with pytest.raises(LorahubValueError, match=r"unknown selector 'nope'. Available: random, retrieve, probe, retrieve\+probe"):
+    assert list(SELECTORS) == ["random", "retrieve", "probe", "retrieve+probe", "format+retrieve"]
+    with pytest.raises(LorahubValueError, match=r"unknown selector 'nope'. Available: random, retrieve, probe, retrieve\+probe, format\+retrieve"):
         get_selector("nope")
     with pytest.raises(LorahubValueError, match="unknown selector 'nope'"):
         SearchConfig(select="nope")
@@ -113,6 +113,24 @@ def test_retrieve_ranks_a_tasks_module_first(embedded_hub):
         assert sel.names == [task], sims
         assert sims[task] > max(v for n, v in sims.items() if n != task) + 0.3  # measured: 0.82-0.89 vs <= 0.19
         assert sel.info["embedder"].endswith("all-MiniLM-L6-v2")
+
+
+def test_format_retrieve_puts_the_answer_format_first(embedded_hub):
+    from lorahub.bigbench import answer_format
+
+    assert answer_format(["(A)", " (C) ", "(K)"]) == "letters"
+    assert answer_format(["(A)", "yes"]) == answer_format(["A"]) == answer_format([]) == "native"
+    embedded_hub.specs["colors"].extra["format"] = "letters"  # as a TASK--letters module's manifest entry says
+    lettered = [{"input": i, "output": o} for i, o in [("What is 2 plus 2?\nOptions:\n(A) 4\n(B) 5", "(A)"),
+                                                      ("What is 5 times 3?\nOptions:\n(A) 8\n(B) 15", "(B)")]]
+    task = SelectionTask(as_examples(lettered))
+    sel = select_candidates("format+retrieve", embedded_hub, 2, 0, task)
+    plain = select_candidates("retrieve", embedded_hub, 4, 0, task)
+    assert plain.names[0] == "arithmetic" and plain.names.index("colors") > 0  # by similarity alone
+    assert sel.names == ["colors", "arithmetic"]  # the one letters module first, then by similarity
+    assert sel.info["answer_format"] == "letters" and sel.info["in_format"] == 1
+    native = select_candidates("format+retrieve", embedded_hub, 4, 0, SelectionTask(as_examples(examples_of("colors"))))
+    assert native.info["answer_format"] == "native" and native.names[-1] == "colors"  # out of format: last
 
 
 def test_compose_records_the_selection(embedded_hub, tiny_llama, tmp_path):

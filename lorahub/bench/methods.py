@@ -7,28 +7,30 @@ first newline; :func:`lorahub.generate.generate`) and scores exact match. So a n
 ``prepare`` function and one :func:`register` call; ``adapter:DIR`` (:func:`adapter_method`) is built that
 way, for evaluating a saved adapter folder.
 
-======================  ======  ================================================================================
-name                    seeded  what it does
-======================  ======  ================================================================================
-zero-shot               no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
-icl                     no      the 5 learning examples as Q/A blocks in the prompt
-best-single             no      the hub module with the lowest few-shot loss (all modules scored in batched passes)
-lorahub-reference       yes     LoraHub as published: 20 random modules in ``random.sample`` order, budget 40,
-                                ``optimizer="ngopt"`` (Cobyla) from w = 0, the reference's objective (loss / number
-                                of examples + 0.05·mean|w|; ``loss_scale="per-example"``, ``candidate_order="sample"``)
-lorahub-default         yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
-                                beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
-                                with batched evaluation, budget 40 (``--budget``)
-lorahub-retrieve        yes     lorahub-default over the 20 modules whose task embeddings are nearest the learning
-                                inputs (``select="retrieve"``; needs the hub's embeddings; not in the defaults)
-lorahub-probe           yes     lorahub-default over the 20 modules of lowest single-module loss (``select="probe"``:
-                                all N modules scored first, N evaluations; not in the defaults)
-lorahub-retrieve-probe  yes     lorahub-default over the 20 lowest-loss of the 40 nearest (``select="retrieve+probe"``)
-lorahub-routed          yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
-                                gradient on the learning examples (``compose(method="routed")``; not in the defaults)
-adapter:NAME            no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
-                                run with its routers
-======================  ======  ================================================================================
+==========================  ======  ================================================================================
+name                        seeded  what it does
+==========================  ======  ================================================================================
+zero-shot                   no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
+icl                         no      the 5 learning examples as Q/A blocks in the prompt
+best-single                 no      the hub module with the lowest few-shot loss (all modules scored in batched passes)
+lorahub-reference           yes     LoraHub as published: 20 random modules in ``random.sample`` order, budget 40,
+                                    ``optimizer="ngopt"`` (Cobyla) from w = 0, the reference's objective (loss / number
+                                    of examples + 0.05·mean|w|; ``loss_scale="per-example"``, ``candidate_order="sample"``)
+lorahub-default             yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
+                                    beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
+                                    with batched evaluation, budget 40 (``--budget``)
+lorahub-retrieve            yes     lorahub-default over the 20 modules whose task embeddings are nearest the learning
+                                    inputs (``select="retrieve"``; needs the hub's embeddings; not in the defaults)
+lorahub-probe               yes     lorahub-default over the 20 modules of lowest single-module loss (``select="probe"``:
+                                    all N modules scored first, N evaluations; not in the defaults)
+lorahub-retrieve-probe      yes     lorahub-default over the 20 lowest-loss of the 40 nearest (``select="retrieve+probe"``)
+lorahub-reference-retrieve  yes     lorahub-reference's search and objective over the 20 nearest modules
+                                    (``select="retrieve"``, most similar first): what selection alone changes
+lorahub-routed              yes     the same 20 random modules as frozen experts under per-layer top-2 routers learnt by
+                                    gradient on the learning examples (``compose(method="routed")``; not in the defaults)
+adapter:NAME                no      a PEFT LoRA folder (``--adapter DIR``) merged into the base, or a MixLoRA folder
+                                    run with its routers
+==========================  ======  ================================================================================
 """
 
 from __future__ import annotations
@@ -352,6 +354,9 @@ register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, spec={**L
 register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True,
                 spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
                 label="lorahub-retrieve-probe (lowest loss of the 2k nearest, CMA-ES)"))
+register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=True,
+                spec={**METHODS["lorahub-reference"].spec, "select": "retrieve"},
+                label="LoraHub-reference over retrieved candidates (selection apart from search)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
                 label="lorahub-routed (learnt top-2 routers)"))

@@ -13,8 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..files import atomic_write_text
 from ..tables import markdown_table
+from .bbh import TUNING_TASKS
 from .methods import DEFAULT_METHODS, METHODS
 
 SUMMARY, PLOT = "summary.md", "per_task.png"  # written into a `lorahub bbh --out` folder
@@ -96,6 +99,59 @@ def search_comparison(rows: list[dict[str, Any]], a: str = "lorahub-default", b:
             f"{statistics.mean(y for _, y in pairs):.3f}."]
 
 
+def paired_difference(rows: list[dict[str, Any]], a: str, b: str, *, resamples: int = 10_000,
+                      seed: int = 0) -> dict[str, Any] | None:
+    """Exact match of ``a`` minus ``b`` on the (task, seed) pairs both have: wins, losses, ties, the mean and two
+    bootstrap 95% intervals of the mean (percentile, ``resamples`` draws): over pairs, and over tasks (whole
+    tasks resampled with their seeds; wider, since a task's seeds share its test set). None without pairs."""
+    em = {(r["task"], r["method"], r["seed"]): r["em"] for r in rows}
+    pairs = sorted((t, s, em[(t, a, s)] - em[(t, b, s)]) for (t, m, s) in em if m == a and (t, b, s) in em)
+    if not pairs:
+        return None
+    d = np.array([x for _, _, x in pairs])
+    rng = np.random.default_rng(seed)
+    by_pair = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    tasks = sorted({t for t, _, _ in pairs})
+    sums = np.array([sum(x for t2, _, x in pairs if t2 == t) for t in tasks])
+    counts = np.array([sum(1 for t2, _, _ in pairs if t2 == t) for t in tasks])
+    draw = rng.integers(0, len(tasks), (resamples, len(tasks)))
+    by_task = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
+    return {"a": a, "b": b, "pairs": len(d), "tasks": len(tasks), "wins": int((d > 0).sum()),
+            "losses": int((d < 0).sum()), "ties": int((d == 0).sum()), "mean": float(d.mean()),
+            "ci_pairs": tuple(float(x) for x in np.percentile(by_pair, [2.5, 97.5])),
+            "ci_tasks": tuple(float(x) for x in np.percentile(by_task, [2.5, 97.5]))}
+
+
+def paired_lines(rows: list[dict[str, Any]], a: str = "lorahub-default", b: str = "lorahub-reference") -> list[str]:
+    p = paired_difference(rows, a, b)
+    if p is None:
+        return []
+    return ["", "## Paired comparison", "",
+            f"`{a}` − `{b}`, exact match on the {p['pairs']} (task, seed) pairs both ran ({p['tasks']} tasks): "
+            f"**{p['mean']:+.2f}** points; {a} wins {p['wins']}, loses {p['losses']}, ties {p['ties']}. "
+            f"Bootstrap 95% interval of the mean (10,000 resamples): [{p['ci_pairs'][0]:+.2f}, {p['ci_pairs'][1]:+.2f}] "
+            f"over pairs, [{p['ci_tasks'][0]:+.2f}, {p['ci_tasks'][1]:+.2f}] over tasks (whole tasks resampled)."]
+
+
+def split_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's avg figures on the tuning tasks (:data:`TUNING_TASKS`, where defaults were chosen) and on the
+    others (confirmation), apart; nothing unless the run has tasks of both."""
+    tasks = {r["task"] for r in rows}
+    tuning, confirm = tasks & set(TUNING_TASKS), tasks - set(TUNING_TASKS)
+    if not tuning or not confirm:
+        return []
+    body = []
+    for t in aggregate(rows):
+        if t["kind"] == "best":
+            continue
+        mean = lambda ts: statistics.mean(v for k, v in t["per_task"].items() if k in ts) if ts & set(t["per_task"]) else None  # noqa: E731
+        body.append([t["label"], t["kind"], _f(mean(tuning)), _f(mean(confirm))])
+    return ["", "## Tuning and confirmation tasks", "",
+            f"lorahub's defaults were chosen on the {len(tuning)} tuning tasks (every third BBH task, "
+            "`lorahub.bench.bbh.TUNING_TASKS`: " + ", ".join(sorted(tuning)) + f"); the other {len(confirm)} confirm.",
+            "", markdown_table(["method", "", "tuning tasks", "confirmation tasks"], body, ["---", "---", "---:", "---:"])]
+
+
 def _f(x: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -140,6 +196,8 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
               f"{compose_h:.2f} h, eval {eval_h:.2f} h; loading the model and hub not included). Machines: "
               + "; ".join(machines) + "."]
     lines += search_comparison(rows)
+    lines += paired_lines(rows)
+    lines += split_lines(rows)
     shown = lambda spec: {k: v for k, v in spec.items() if k not in ("hub", "seeded")}  # noqa: E731
     settings = [f"- `{m}`: " + ", ".join(f"{k}={v}" for k, v in shown(s).items()) for m, s in specs.items() if shown(s)]
     if settings:
