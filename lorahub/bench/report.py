@@ -147,8 +147,10 @@ def split_lines(rows: list[dict[str, Any]]) -> list[str]:
         mean = lambda ts: statistics.mean(v for k, v in t["per_task"].items() if k in ts) if ts & set(t["per_task"]) else None  # noqa: E731
         body.append([t["label"], t["kind"], _f(mean(tuning)), _f(mean(confirm))])
     return ["", "## Tuning and confirmation tasks", "",
-            f"lorahub's defaults were chosen on the {len(tuning)} tuning tasks (every third BBH task, "
-            "`lorahub.bench.bbh.TUNING_TASKS`: " + ", ".join(sorted(tuning)) + f"); the other {len(confirm)} confirm.",
+            f"The {len(tuning)} tuning tasks (every third BBH task, `lorahub.bench.bbh.TUNING_TASKS`: "
+            + ", ".join(sorted(tuning)) + ") are where lorahub's defaults are tuned since December 2026 "
+            f"(benchmarks/search_tuning.py); the other {len(confirm)} are the confirmation set. Defaults older than "
+            "that were chosen on other tasks (docs/results.md, \"Search settings\").",
             "", markdown_table(["method", "", "tuning tasks", "confirmation tasks"], body, ["---", "---", "---:", "---:"])]
 
 
