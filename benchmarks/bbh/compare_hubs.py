@@ -64,7 +64,10 @@ def main() -> None:
     seeds = {int(s) for s in args.seeds.split(",")}
     a, b = (scores(run, args.limit, seeds, methods) for run in (args.run_a, args.run_b))
     la, lb = args.labels.split(",")
-    tasks = sorted({t for t, _ in a} & {t for t, _ in b})
+    started = sorted({t for t, _ in a} & {t for t, _ in b})
+    tasks = [t for t in started if all((t, m) in d for m in methods for d in (a, b))]  # compare on finished tasks only
+    if len(tasks) < len(started):
+        print(f"(left out, not every method finished in both runs: {', '.join(sorted(set(started) - set(tasks)))})\n")
     letters = letter_tasks()
     header = ["task"] + [f"{m} {lab}" for m in methods for lab in (la, lb)]
     rows = [[t] + [f"{d.get((t, m), float('nan')):.1f}" for m in methods for d in (a, b)] for t in tasks]
