@@ -11,17 +11,14 @@ the first N of the same split, so they are the examples a ``--limit N`` run sees
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 from pathlib import Path
 
 from lorahub.bench import bbh
 from lorahub.bench.runner import read_results
+from lorahub.bigbench import LETTER_ANSWER
 from lorahub.metrics import exact_match
 from lorahub.tables import markdown_table
-
-LETTER = re.compile(r"^\([A-Z]\)$")
-
 
 def letter_tasks() -> set[str]:
     """BBH tasks whose targets are option letters (at least 90% of them: movie_recommendation and ruin_names
@@ -30,7 +27,7 @@ def letter_tasks() -> set[str]:
     for name in bbh.task_names():
         task = bbh.load_task(name)
         targets = [ex.output for ex in task.learn + task.test]
-        if sum(bool(LETTER.match(t)) for t in targets) >= 0.9 * len(targets):
+        if sum(bool(LETTER_ANSWER.fullmatch(t)) for t in targets) >= 0.9 * len(targets):
             out.add(name)
     return out
 
