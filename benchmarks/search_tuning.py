@@ -26,23 +26,31 @@ from lorahub.bench.methods import METHODS, Worker
 from lorahub.files import append_line
 
 REFERENCE = METHODS["lorahub-reference"].spec
-DEFAULT = METHODS["lorahub-default"].spec
-# probes counted in the budget: 20 single modules (one batched pass) + 20 searched = the reference's 40
-PROBED = {**DEFAULT, "probe_singles": True, "budget": 20}
+# lorahub-default until December 2026: random candidates, 20 single-module probes, then CMA-ES 40 from the best
+DEFAULT_0_2 = {"num_candidates": 20, "budget": 60, "optimizer": "cma", "population": None, "l1": 0.05,
+               "probe_singles": True, "probes_in_budget": True, "start": "best-probe", "step": 0.15}
+# the budget counts the probes: 20 single modules (one batched pass) + 20 searched = the reference's 40. (Lines
+# written before the budget counted them say "budget": 20 without "probes_in_budget": the same computation.)
+PROBED = {**DEFAULT_0_2, "budget": 40}
+# Cobyla from the best probe, in the reference's objective and the selector's order (best first), so that Cobyla's
+# first steps (one coordinate at a time, +0.5 in candidate order) add the likeliest modules first
+PROBED_COBYLA = {**PROBED, "optimizer": "ngopt", "population": None, "loss_scale": "per-example",
+                 "candidate_order": "sample"}
 VARIANTS: dict[str, dict] = {
     "reference": dict(REFERENCE),
     "reference+retrieve": {**REFERENCE, "select": "retrieve"},
-    "default-0.2": dict(DEFAULT),  # random, 20 probes + CMA-ES 40 (60 evaluations)
+    "default-0.2": dict(DEFAULT_0_2),  # random, 20 probes + CMA-ES 40 (60 evaluations)
     "probe+cma": dict(PROBED),  # random (the reference's candidates), 20 probes + CMA-ES 20
-    "probe+cobyla": {**PROBED, "optimizer": "ngopt", "population": None},  # 20 probes + Cobyla from the best
+    "probe+cobyla": dict(PROBED_COBYLA),  # random, 20 probes + Cobyla 20 from the best
     "retrieve+probe+cma": {**PROBED, "select": "retrieve"},
-    "retrieve+probe+cobyla": {**PROBED, "select": "retrieve", "optimizer": "ngopt", "population": None},
+    "retrieve+probe+cobyla": {**PROBED_COBYLA, "select": "retrieve"},
     "retrieve+cobyla": {**REFERENCE, "select": "retrieve", "loss_scale": "token-mean", "candidate_order": "store"},
-    "format+reference": {**REFERENCE, "select": "format+retrieve"},
+    "format+reference": {**REFERENCE, "select": "format+retrieve"},  # the reference's search, most similar first
     "format+probe+cma": {**PROBED, "select": "format+retrieve"},
-    "format+probe+cobyla": {**PROBED, "select": "format+retrieve", "optimizer": "ngopt", "population": None},
+    "format+probe+cobyla": {**PROBED_COBYLA, "select": "format+retrieve"},
 }
-FIRST = "reference,reference+retrieve,probe+cma,retrieve+probe+cma,retrieve+probe+cobyla"
+FIRST = "reference,format+reference,format+probe+cobyla,format+probe+cma"
+ROW_KEYS = ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds", "weights", "optimizer", "machine")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -70,6 +78,39 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
     return "\n".join(lines)
 
 
+def tuning_line(task: str, seed: int, variant: str, limit: int, row: dict) -> dict:
+    """The results-file line of one (task, seed, variant) from a BBH job row."""
+    selection = row.get("selection") or {}
+    return {"task": task, "seed": seed, "variant": variant, "limit": limit, **{k: row[k] for k in ROW_KEYS},
+            "selected": selection.get("modules"), "spec": VARIANTS[variant]}
+
+
+def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: list[str], limit: int,
+                  hub: dict) -> list[dict]:
+    """Lines for the variants that a ``lorahub bbh`` folder already ran: same spec, same hub, same test limit.
+
+    A BBH method whose spec equals a variant's is the same computation (same selection, search and generation
+    code, same seed), so its rows are reused rather than recomputed."""
+    from lorahub.bench.runner import CONFIG, RESULTS, read_results
+
+    config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    if config["protocol"].get("limit") != limit:
+        raise SystemExit(f"{folder}: ran with --limit {config['protocol'].get('limit')}, not {limit}")
+    same = {}
+    for method, spec in config["methods"].items():
+        spec = dict(spec)
+        if spec.pop("hub", None) != hub:
+            continue
+        spec.pop("seeded", None)
+        same.update({v: method for v in variants if VARIANTS[v] == spec})
+    out = []
+    for row in read_results(folder / RESULTS, repair=False):
+        for v, method in same.items():
+            if row["method"] == method and row["task"] in tasks and row["seed"] in seeds:
+                out.append(tuning_line(row["task"], row["seed"], v, limit, row))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(bbh.TUNING_TASKS), help="default: the tuning third of BBH")
@@ -80,6 +121,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/search_tuning.jsonl")
     ap.add_argument("--report", default=None, help="only print the table of this results file")
+    ap.add_argument("--from-bbh", default=None, metavar="DIR",
+                    help="reuse the rows of a `lorahub bbh --out DIR` run whose method spec equals a variant's")
     args = ap.parse_args()
     if args.report:
         print(report(read_rows(Path(args.report))))
@@ -89,23 +132,27 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}. Available: {', '.join(VARIANTS)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["task"], r["seed"], r["variant"]) for r in read_rows(out)}
+    tasks, seeds, variants = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.variants.split(",")
     worker = Worker(hub=args.hub, threads=args.threads)
+    done = {(r["task"], r["seed"], r["variant"]) for r in read_rows(out)}
+    if args.from_bbh:
+        from lorahub.bench.runner import hub_fingerprint
+
+        for line in rows_from_bbh(Path(args.from_bbh), tasks, seeds, variants, args.limit, hub_fingerprint(worker.store)):
+            if (line["task"], line["seed"], line["variant"]) not in done:
+                append_line(out, json.dumps(line))
+                done.add((line["task"], line["seed"], line["variant"]))
+                print(f"{line['task']} seed {line['seed']} {line['variant']}: from {args.from_bbh}", flush=True)
     template = METHODS["lorahub-default"]
-    for task_name in args.tasks.split(","):
+    for task_name in tasks:
         task = bbh.load_task(task_name, None, limit=args.limit)
-        for seed in map(int, args.seeds.split(",")):
-            for v in args.variants.split(","):
+        for seed in seeds:
+            for v in variants:
                 if (task_name, seed, v) in done:
                     continue
                 method = dataclasses.replace(template, name=v, spec=VARIANTS[v])
                 row = worker.run((task_name, v, seed), task, method)
-                line = {"task": task_name, "seed": seed, "variant": v, "limit": args.limit,
-                        **{k: row[k] for k in ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds",
-                                               "weights", "optimizer", "machine")},
-                        "selected": row["selection"]["modules"] if "modules" in row["selection"] else None,
-                        "spec": VARIANTS[v]}
-                append_line(out, json.dumps(line))
+                append_line(out, json.dumps(tuning_line(task_name, seed, v, args.limit, row)))
                 print(f"{task_name} seed {seed} {v}: em {row['em']:.1f} loss {row['loss']:.4f} evals {row['evals']} "
                       f"compose {row['compose_seconds']:.1f}s", flush=True)
     print(report(read_rows(out)))

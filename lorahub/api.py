@@ -19,7 +19,7 @@ from .files import locked_output
 from .generate import generate, merged_into
 from .loading import load_base_for, resolve_store, stack_for
 from .models import is_seq2seq
-from .optimize import SearchConfig, SearchResult, divisor_of, search
+from .optimize import SearchConfig, SearchResult, divisor_of, search, search_evaluations
 from .progress import progress_bar
 from .select import SelectionTask, get_order, get_selector, select_candidates
 from .store import StackedModules
@@ -140,12 +140,13 @@ def compose(
         loss_scale: the loss in the objective (:data:`lorahub.optimize.LOSS_SCALES`): ``"token-mean"`` (lorahub)
             or ``"per-example"`` (the reference's: the token-mean loss / number of examples, next to the same
             l1 term). ``loss`` and ``history`` losses stay token means; ``objective`` is what was minimised.
-        budget: candidate evaluations; population: candidates scored per batch (CMA default 4+3·ln N, at most budget/5).
+        budget: few-shot evaluations of the search, the single-module probes included; population: candidates
+            scored per batch (CMA default 4+3·ln N, at most a fifth of the evaluations left after the probes).
         optimizer: ``"cma"`` (CMA-ES) or ``"ngopt"`` (the reference's NGOpt, i.e. Cobyla, one at a time).
         l1: coefficient of mean|w| added to the loss. bounds: box for each weight (must contain 0).
         probe_singles: score the N single modules (one-hot weights) in one batched pass before the
-            search, so the result is never worse than the best single module (N evaluations beyond
-            ``budget``). Default: on, except for the reference ``"ngopt"``.
+            search, so the result is never worse than the best single module (N of the ``budget``'s
+            evaluations). Default: on, except for the reference ``"ngopt"``.
         start: where CMA-ES's mean starts: ``"best-probe"`` (the best single module, when ``probe_singles``;
             the default) or ``"zero"`` (LoraHub's start, w = 0).
         step: CMA-ES's first step around the start, in weight units (benchmarks/search_tuning.py).
@@ -188,8 +189,9 @@ def compose(
 
     if probe_singles is None:
         probe_singles = optimizer != "ngopt"
-    # one bar over every scored weighting: w = 0, the single-module probes, then the budget
-    bar = progress_bar(1 + (len(names) if probe_singles else 0) + budget, "compose", progress, unit="eval")
+    search_evaluations(budget, len(names) if probe_singles else 0)  # before any scoring: the probes fit the budget
+    # one bar over every scored weighting: w = 0, then the budget (the single-module probes first)
+    bar = progress_bar(1 + budget, "compose", progress, unit="eval")
     last_best = [float("inf")]
 
     def scored(w: np.ndarray) -> np.ndarray:

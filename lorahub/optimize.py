@@ -75,8 +75,9 @@ MIN_GENERATIONS = 5  # a small budget still gets this many CMA-ES generations (b
 
 
 def default_population(optimizer: str, num_modules: int, budget: int | None = None) -> int:
-    """CMA-ES's own default, 4 + ⌊3·ln N⌋ (12 for N=20), capped at ``budget // MIN_GENERATIONS`` (8 at LoraHub's
-    budget of 40: 5 generations rather than 3); 1 for the sequential reference."""
+    """CMA-ES's own default, 4 + ⌊3·ln N⌋ (12 for N=20), capped at ``budget // MIN_GENERATIONS`` where ``budget``
+    is what the optimizer gets (8 for 40 evaluations: 5 generations rather than 3; 4 for the 20 left after 20
+    probes); 1 for the sequential reference."""
     if optimizer in DEFAULT_POPULATION or optimizer.startswith(NEVERGRAD_PREFIX):
         return DEFAULT_POPULATION.get(optimizer, 1)
     own = 4 + int(3 * math.log(max(num_modules, 1)))
@@ -103,6 +104,15 @@ def divisor_of(loss_scale: str, num_examples: int) -> float:
     if loss_scale not in LOSS_SCALES:
         raise LorahubValueError(f"unknown loss_scale {loss_scale!r}. Available: {', '.join(LOSS_SCALES)}")
     return LOSS_SCALES[loss_scale](num_examples)
+
+
+def search_evaluations(budget: int, num_probes: int) -> int:
+    """The evaluations left to the optimizer once the probes are scored: ``budget`` counts every evaluation of a
+    search, the probes included, so a budget means the same cost with or without them."""
+    if num_probes and budget <= num_probes:
+        raise LorahubValueError(f"budget ({budget}) counts the {num_probes} single-module probes and must be larger; "
+                                f"raise the budget or turn probe_singles off")
+    return budget - num_probes
 
 
 def check_search_options(optimizer: str, start: str, bounds: tuple[float, float], step: float) -> None:
@@ -133,15 +143,15 @@ class SearchConfig:
             selector's: random's draw order, as the reference; the optimizer's path depends on it).
         loss_scale: the loss in the objective: "token-mean" (lorahub) or "per-example" (the reference's
             loss / number of examples, :data:`LOSS_SCALES`).
-        budget: candidate evaluations (LoraHub: 40).
-        population: candidates scored per batch (CMA default: 4 + 3 ln N, at most budget/5).
+        budget: few-shot evaluations in all, the single-module probes included (LoraHub: 40).
+        population: candidates scored per batch (CMA default: 4 + 3 ln N, at most a fifth of what the probes leave).
         optimizer: "cma" (CMA-ES), "ngopt" (the reference's NGOpt, which runs Cobyla) or "ng:NAME" (any of
             nevergrad's registry, one candidate at a time unless ``population`` is set).
         l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
         lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
         seed: seeds the choice of modules and the optimizer.
-        probe_singles: score the N single modules in one batch first, so the result is never worse than
-            the best of them (default: on, except for the reference optimizer "ngopt").
+        probe_singles: score the N single modules in one batch first (N of the budget), so the result is never
+            worse than the best of them (default: on, except for the reference optimizer "ngopt").
         start: where CMA-ES starts: "best-probe" (the best single module; default) or "zero" (LoraHub).
         step: CMA-ES's first step around the start, in weight units.
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
@@ -155,7 +165,7 @@ class SearchConfig:
         "help": "candidate order in the search: store (the library's) or sample (the selector's; the reference's)"})
     loss_scale: str = field(default="token-mean", metadata={
         "help": "loss in the objective: token-mean (lorahub) or per-example (the reference: loss / number of examples)"})
-    budget: int = field(default=40, metadata={"help": "candidate evaluations"})
+    budget: int = field(default=40, metadata={"help": "few-shot evaluations in all, single-module probes included"})
     population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
     optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}, or ng:NAME (nevergrad's registry)"})
     l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
@@ -163,7 +173,7 @@ class SearchConfig:
     upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
     seed: int = field(default=42, metadata={"help": "seed for module choice and optimizer"})
     probe_singles: bool | None = field(default=None, metadata={
-        "help": "score each single module before the search (N extra evaluations; default: on except for ngopt)"})
+        "help": "score each single module before the search (N of the budget; default: on except for ngopt)"})
     start: str = field(default="best-probe", metadata={
         "help": "CMA-ES start: best-probe (the best single module) or zero (LoraHub's start)"})
     step: float = field(default=DEFAULT_STEP, metadata={"help": "CMA-ES's first step around the start, in weight units"})
@@ -218,7 +228,7 @@ def search(
     on_step: Callable[[int, SearchResult], None] | None = None,
     loss_divisor: float = 1.0,
 ) -> SearchResult:
-    """Minimise loss(w) / ``loss_divisor`` + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations.
+    """Minimise loss(w) / ``loss_divisor`` + l1·mean|w| over w ∈ [lo, hi]^N within ``budget`` evaluations, probes included.
 
     Each generation asks ``population`` candidates, scores them in one call and tells the results::
 
@@ -226,8 +236,8 @@ def search(
         losses = score(np.stack([c.value for c in cands]))
         for c, loss in zip(cands, losses): opt.tell(c, loss + l1_term)
 
-    ``probes`` (K, N): points scored in one batch before the search (outside ``budget``; marked ``"probe"`` in
-    the history), e.g. the single modules; the best point seen is returned, so the result is never worse
+    ``probes`` (K, N): points scored in one batch before the search (counted in ``budget``, which must be larger
+    than K; marked ``"probe"`` in the history), e.g. the single modules; the best point seen is returned, so the result is never worse
     than the best probe.
     ``start``: where the search's mean starts. ``"best-probe"`` (default): at the best probe, with a first
     step of ``step`` (weight units) around it. ``"zero"`` (LoraHub): at w = 0; the probes are then also told
@@ -239,7 +249,9 @@ def search(
     Same seed ⇒ same weights. ``on_step(evaluations_done, best_so_far)`` runs after each generation.
     """
     check_search_options(optimizer, start, bounds, step)
-    population = population or default_population(optimizer, num_modules, budget)
+    num_probes = 0 if probes is None else len(probes)
+    remaining = search_evaluations(budget, num_probes)
+    population = population or default_population(optimizer, num_modules, remaining)
     lo, hi = bounds
     if population < 1:
         raise LorahubValueError(f"population must be at least 1, got {population}")
@@ -248,8 +260,10 @@ def search(
                                 "raise num_candidates or use optimizer='ngopt'")
     if optimizer == "cma" and population < 2:
         raise LorahubValueError(f"CMA-ES needs a population of at least 2, got {population}; use optimizer='ngopt' for one at a time")
-    if budget < population:
-        raise LorahubValueError(f"budget ({budget}) is smaller than the population ({population}); raise the budget or lower the population")
+    if remaining < population:
+        left = f" leaves {remaining} after the {num_probes} probes, which" if num_probes else ""
+        raise LorahubValueError(f"budget ({budget}){left} is smaller than the population ({population}); "
+                                "raise the budget or lower the population")
     best = SearchResult(np.zeros(num_modules), math.inf, math.inf, optimizer, population)
 
     def evaluate(values: np.ndarray, probe: bool) -> list[float]:
@@ -274,12 +288,12 @@ def search(
         best.start = "best-probe"
     param = ng.p.Array(init=init, lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
-    opt = optimizer_factory(optimizer)(param, budget, population, step)
+    opt = optimizer_factory(optimizer)(param, remaining, population, step)
     best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
     told = probe_values if probe_values is not None and best.start == "zero" else []
     for v, objective in zip(told, probe_objectives):
         opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
-    done = 0
+    done = num_probes
     while done < budget:
         k = min(population, budget - done)
         cands = [opt.ask() for _ in range(k)]

@@ -220,7 +220,7 @@ def commands(inp: Inputs) -> dict[str, Command]:
             "bbh",
             lambda t: ["bbh", "--out", str(t / "out"), "--data-dir", str(inp.bbh), "--base-model", str(inp.base),
                        "--modules", *mods, "--limit", "3", "--methods", "zero-shot,best-single,lorahub-default",
-                       "--seeds", "1,2", "--budget", "4", "--threads", "1", "--no-progress"],
+                       "--seeds", "1,2", "--budget", "8", "--threads", "1", "--no-progress"],
             ["out"], bbh_snapshot, bbh_duplicates),
         "train": Command(
             "train",

@@ -31,7 +31,7 @@ def test_cli_compose_writes_adapter(tmp_path, hub, tiny_llama_dir, capsys):
     text = capsys.readouterr().out
     assert "weights:" in text and "held-out exact match (5 examples)" in text
     rec = json.loads((out / "lorahub.json").read_text())
-    assert rec["evaluations"] == 8 + 4 and rec["probe_singles"] and rec["command"].startswith("lorahub compose --examples")
+    assert rec["evaluations"] == 8 and rec["probe_singles"] and rec["command"].startswith("lorahub compose --examples")
     assert "held_out" in rec and set(rec["weights"]) == {"mod0", "mod1", "mod2", "mod3"}
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
@@ -40,7 +40,7 @@ def test_cli_yaml_config_and_flag_override(tmp_path, hub, tiny_llama_dir):
     ex = tmp_path / "ex.jsonl"
     ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"examples: {ex}\nhub: {hub}\nbase_model: {tiny_llama_dir}\nbudget: 4\npopulation: 4\nprogress: false\n")
+    cfg.write_text(f"examples: {ex}\nhub: {hub}\nbase_model: {tiny_llama_dir}\nbudget: 8\npopulation: 4\nprogress: false\n")
     assert main(["compose", "--config", str(cfg), "--out", str(tmp_path / "o"), "--seed", "3"]) == 0
     assert json.loads((tmp_path / "o" / "lorahub.json").read_text())["seed"] == 3
     cfg.write_text("examples: x\nbudgett: 4\n")
@@ -91,7 +91,7 @@ def _help(capsys, argv):
 
 def test_cli_compose_help_config_and_foreign_out(tmp_path, capsys):
     text = _help(capsys, ["compose"])
-    assert "--budget N candidate evaluations (default: 40)" in text  # ComposeConfig's field help and default
+    assert "--budget N few-shot evaluations in all, single-module probes included (default: 40)" in text  # ComposeConfig's field help and default
     assert "--progress, --no-progress show progress bars (default: on)" in text and "--quiet" in text
     ex = tmp_path / "ex.jsonl"
     ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
@@ -114,7 +114,7 @@ def test_compose_progress_counts_probes_and_zero(tmp_path, llama_modules, tiny_l
     """One display: the bar counts w=0, the 4 single-module probes and the budget; off a terminal, plain lines."""
     from lorahub import compose
 
-    compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=8, population=4, progress=True)
+    compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=12, population=4, progress=True)
     captured = capsys.readouterr()
     assert "compose: 13/13 eval" in captured.err and "\r" not in captured.err and captured.out == ""
 

@@ -109,14 +109,14 @@ def test_probes_and_start_at_best_probe():
         seen.append(W.copy())
         return ((W - target) ** 2).sum(axis=1)
 
-    r = search(score, 4, budget=8, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
+    r = search(score, 4, budget=12, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
     assert r.start == "best-probe" and search(score, 4, budget=8, population=8, start="best-probe").start == "zero"
     assert np.array_equal(seen[0], np.eye(4)) and [h.get("probe", False) for h in r.history][:4] == [True] * 4
     first_generation = seen[1]
     assert np.linalg.norm(first_generation.mean(axis=0) - np.eye(4)[1]) < 0.6  # centred on the best probe, not on 0
     assert r.objective <= 0.04 + 1e-12  # never worse than the best probe (e_2 scores 0.04)
     with pytest.raises(LorahubValueError, match="unknown start 'middle'"):
-        search(score, 4, budget=8, population=8, probes=np.eye(4), start="middle")
+        search(score, 4, budget=12, population=8, probes=np.eye(4), start="middle")
 
 
 @pytest.mark.parametrize("n", [6, 20])  # nevergrad scales CMA-ES's first step differently below and above 18
@@ -130,7 +130,7 @@ def test_first_generation_spreads_step_around_the_start(n, step):
         return np.abs(W).sum(axis=1)
 
     probes = np.eye(n)
-    search(score, n, budget=200, population=200, l1=0.0, probes=probes, start="best-probe", step=step, seed=1)
+    search(score, n, budget=200 + n, population=200, l1=0.0, probes=probes, start="best-probe", step=step, seed=1)
     first = seen[1]  # after the probes; every probe scores 1, so the start is the first, e_1
     spread = (first - probes[0]).std()
     assert spread == pytest.approx(step, rel=0.1)
@@ -144,10 +144,10 @@ def test_probes_are_told_only_when_the_search_starts_at_zero(monkeypatch):
     monkeypatch.setattr(ng.optimizers.base.Optimizer, "tell",
                         lambda self, cand, loss, *a, **k: told.append(loss) or real_tell(self, cand, loss, *a, **k))
     score = lambda W: (W ** 2).sum(axis=1) + 1.0  # noqa: E731
-    search(score, 4, budget=8, population=4, probes=np.eye(4), start="best-probe")
-    assert len(told) == 8  # the asked candidates only
+    search(score, 4, budget=12, population=4, probes=np.eye(4), start="best-probe")
+    assert len(told) == 8  # the asked candidates only (the budget of 12 counts the 4 probes)
     told.clear()
-    search(score, 4, budget=8, population=4, probes=np.eye(4), start="zero")
+    search(score, 4, budget=12, population=4, probes=np.eye(4), start="zero")
     assert len(told) == 4 + 8
 
 
@@ -168,6 +168,9 @@ def test_default_population_keeps_five_generations_within_the_budget():
     sizes = []
     search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=None)
     assert sizes == [8] * 5
+    sizes.clear()  # the 20 probes are counted in the budget: 20 left, 5 generations of 4
+    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=np.eye(20))
+    assert sizes == [20] + [4] * 5
 
 
 def test_search_config_is_the_one_place_of_the_search_defaults():

@@ -252,9 +252,16 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     searched on the learning examples. Settings a spec leaves out take lorahub's defaults (random selection in
     store order, token-mean loss), so the specs of earlier runs keep meaning what they meant.
 
-    ``evals`` counts the selection's evaluations (probe) with the search's."""
+    ``evals`` counts the selection's evaluations (probe) with the search's. A spec that probes the single modules
+    says ``"probes_in_budget": True``: until December 2026 the probes came on top of the budget, and a spec of
+    that time is refused rather than silently rerun with another meaning."""
     from ..api import compose
 
+    probes = spec.get("probe_singles")
+    if (probes or (probes is None and spec["optimizer"] != "ngopt")) and not spec.get("probes_in_budget"):
+        raise LorahubValueError("this method's spec probes the single modules on top of its budget (the budget's "
+                                "old meaning); the budget now counts the probes, so this spec cannot be rerun: "
+                                "add \"probes_in_budget\": true and run into a new --out folder")
     t0 = time.perf_counter()
     comp = compose(task.learning_examples(), worker.store, worker.model_and_tokenizer,
                    num_candidates=spec["num_candidates"], budget=spec["budget"], population=spec.get("population"),
@@ -344,7 +351,8 @@ register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
 # token-mean), and a spec that changes refuses to mix with the results made before (runner.check_config)
 LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
                         "optimizer": SearchConfig.optimizer, "population": SearchConfig.population, "l1": SearchConfig.l1,
-                        "probe_singles": True, "start": SearchConfig.start, "step": SearchConfig.step}
+                        "probe_singles": True, "probes_in_budget": True, "start": SearchConfig.start,
+                        "step": SearchConfig.step}
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, spec=dict(LORAHUB_DEFAULT_SPEC),
                 label="lorahub-default (CMA-ES from the best single module, batched)"))
 register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
