@@ -22,8 +22,10 @@ import statistics
 from pathlib import Path
 
 from lorahub.bench import bbh
-from lorahub.bench.methods import METHODS, Worker
+from lorahub.bench.methods import METHODS, Worker, majority_answer
+from lorahub.bench.report import top_answer_share
 from lorahub.files import append_line
+from lorahub.metrics import exact_match
 
 REFERENCE = METHODS["lorahub-reference"].spec
 # lorahub-default until December 2026: random candidates, 20 single-module probes, then CMA-ES 40 from the best
@@ -50,7 +52,8 @@ VARIANTS: dict[str, dict] = {
     "format+probe+cobyla": {**PROBED_COBYLA, "select": "format+retrieve"},
 }
 FIRST = "reference,format+reference,format+probe+cobyla,format+probe+cma"
-ROW_KEYS = ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds", "weights", "optimizer", "machine")
+ROW_KEYS = ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds", "weights", "optimizer", "machine",
+            "predictions")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -59,13 +62,21 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def majority_em(task: str, limit: int) -> float:
+    """EM of the ``majority`` baseline (the learning examples' most common answer, no model) on the same test set."""
+    split = bbh.load_task(task, None, limit=limit)
+    return exact_match([majority_answer([ex.output for ex in split.learn])] * len(split.test), split.references)
+
+
 def report(rows: list[dict], baseline: str = "reference") -> str:
-    """Per variant: mean EM, few-shot loss, evaluations, compose seconds; EM wins/losses/ties against ``baseline``
-    on the (task, seed) pairs both have."""
+    """Per variant: mean EM, how often a job gave its most common answer, few-shot loss, evaluations, compose
+    seconds; EM wins/losses/ties against ``baseline`` on the (task, seed) pairs both have; and the EM of the
+    ``majority`` baseline on the variant's own jobs (the floor: no model, the examples' most common answer)."""
     by = {(r["task"], r["seed"], r["variant"]): r for r in rows}
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = ["| variant | jobs | EM | few-shot loss | evals | compose s | vs " + baseline + " (W/L/T, mean ΔEM) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| variant | jobs | EM | majority EM, same jobs | top answer % | few-shot loss | evals | compose s | vs "
+             + baseline + " (W/L/T, mean ΔEM) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    floor = {(r["task"], r["limit"]): majority_em(r["task"], r["limit"]) for r in rows}
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         pairs = [(r["em"], by[(r["task"], r["seed"], baseline)]["em"]) for r in mine
@@ -73,7 +84,10 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
         w = sum(a > b for a, b in pairs); lo = sum(a < b for a, b in pairs); t = len(pairs) - w - lo
         delta = statistics.mean(a - b for a, b in pairs) if pairs else float("nan")
         mean = lambda k: statistics.mean(r[k] for r in mine)  # noqa: E731
-        lines.append(f"| {v} | {len(mine)} | {mean('em'):.1f} | {mean('loss'):.3f} | {mean('evals'):.0f} | "
+        shares = [top_answer_share(r["predictions"]) for r in mine if r.get("predictions")]
+        top = f"{statistics.mean(shares):.0f}" if shares else "–"
+        base = statistics.mean(floor[(r["task"], r["limit"])] for r in mine)
+        lines.append(f"| {v} | {len(mine)} | {mean('em'):.1f} | {base:.1f} | {top} | {mean('loss'):.3f} | {mean('evals'):.0f} | "
                      f"{mean('compose_seconds'):.1f} | {w}/{lo}/{t}, {delta:+.1f} |")
     return "\n".join(lines)
 
@@ -81,7 +95,7 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
 def tuning_line(task: str, seed: int, variant: str, limit: int, row: dict) -> dict:
     """The results-file line of one (task, seed, variant) from a BBH job row."""
     selection = row.get("selection") or {}
-    return {"task": task, "seed": seed, "variant": variant, "limit": limit, **{k: row[k] for k in ROW_KEYS},
+    return {"task": task, "seed": seed, "variant": variant, "limit": limit, **{k: row.get(k) for k in ROW_KEYS},
             "selected": selection.get("modules"), "spec": VARIANTS[variant]}
 
 

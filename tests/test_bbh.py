@@ -63,6 +63,16 @@ def test_vendored_data_is_complete_with_licence():
         assert len(json.loads((VENDORED / f"{t}.json").read_text())["examples"]) == int(counts[t])
 
 
+def test_majority_answer_and_top_answer_share():
+    from lorahub.bench.methods import majority_answer
+    from lorahub.bench.report import top_answer_share
+
+    assert majority_answer(["(B)", "(A)", "(B)", "(C)"]) == "(B)"
+    assert majority_answer(["(C)", "(A)", "(A)", "(C)", "(B)"]) == "(C)"  # a tie goes to the first drawn
+    assert top_answer_share(["(A)", "(a).", " (B)", "(A)"]) == 75.0  # compared as the metric compares
+    assert top_answer_share(["yes", "no"]) == 50.0
+
+
 def test_unknown_method_lists_available():
     with pytest.raises(LorahubValueError, match="unknown method 'lorahub'.*zero-shot.*lorahub-default"):
         get_method("lorahub")
@@ -101,8 +111,8 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert main(argv) == 0
     assert len(loads) == 1  # the base model loads once per process, not per task, method or seed
     rows = read_results(out / "results.jsonl")
-    # 2 tasks x (zero-shot, icl, best-single, adapter + 2 seeds x 2 lorahub methods)
-    assert len(rows) == 2 * (4 + 2 * 2)
+    # 2 tasks x (majority, zero-shot, icl, best-single, adapter + 2 seeds x 2 lorahub methods)
+    assert len(rows) == 2 * (5 + 2 * 2)
     keys = {(r["task"], r["method"], r["seed"]) for r in rows}
     assert ("alpha", "zero-shot", None) in keys and ("beta", "lorahub-reference", 2) in keys
     assert ("alpha", "adapter:mod0", None) in keys
@@ -116,14 +126,22 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert (ref["loss_scale"], ref["candidate_order"], default["loss_scale"]) == ("per-example", "sample", "token-mean")
     assert ref["selection"]["selector"] == default["selection"]["selector"] == "random"
     assert list(ref["weights"]) == ref["selection"]["modules"] and ref["objective"] < ref["loss"]
+    # majority: the learning examples' most common answer to every question, scored against the test targets
+    task = bbh.load_task("alpha", tiny_bbh, limit=3)
+    learnt = [ex.output for ex in task.learn]
+    answer = max(learnt, key=learnt.count)
+    maj = by[("alpha", "majority", None)]
+    assert maj["predictions"] == [answer] * 3 and maj["answer"] == answer and maj["tokens_per_example"] == 0
+    assert maj["em"] == pytest.approx(100 * sum(ex.output == answer for ex in task.test) / 3)
     for r in rows:
         assert r["n_test"] == 3 and len(r["predictions"]) == 3 and r["n_learn"] == 5 and 0 <= r["em"] <= 100
-        assert r["tokens_per_example"] > 0 and r["eval_seconds"] > 0 and r["config"]
+        assert (r["tokens_per_example"] > 0) == (r["method"] != "majority") and r["eval_seconds"] >= 0 and r["config"]
         assert r["machine"].endswith(" threads")  # the CPU's model and torch's thread count
     assert by[("alpha", "icl", None)]["tokens_per_example"] > 3 * by[("alpha", "zero-shot", None)]["tokens_per_example"]
     summary = (out / "summary.md").read_text()
     assert "| Zero-shot |" in summary and "| avg |" in summary and "| best |" in summary and "FLAN-T5-large" in summary
     assert "eval examples/s" in summary and "compose evals/s" in summary and "| alpha | 3 |" in summary
+    assert "| Majority answer of the 5 examples (no model) |  |" in summary and "top answer %" in summary
     job_h = sum(r["compose_seconds"] + r["eval_seconds"] for r in rows) / 3600
     assert f"Job time, summed over the {len(rows)} finished jobs: {job_h:.2f} h" in summary
     assert f"Machines: {rows[0]['machine']}." in summary

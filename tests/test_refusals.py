@@ -193,7 +193,7 @@ def test_full_or_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     out = tmp_path / "composed"
     monkeypatch.setattr(lorahub.export, "write_adapter_files", full)
     assert main(["compose", "--examples", str(ex), "--modules", *map(str, llama_modules), "--base-model",
-                 str(tiny_llama_dir), "--budget", "4", "--population", "2", "--out", str(out), "--no-progress"]) == 2
+                 str(tiny_llama_dir), "--budget", "6", "--population", "2", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err  # (transformers' own "Loading weights" bar may come before it)
     assert err.endswith("\n") and err.count("lorahub: error") == 1
     assert err.splitlines()[-1] == (f"lorahub: error: cannot write {out}: No space left on device (ENOSPC); nothing "

@@ -158,7 +158,7 @@ def test_training_lowers_loss_and_touches_only_routers(trained, tiny_llama, llam
                     routed=RoutedConfig(steps=12, lr=0.05, router_init_std=0.1), seed=3, progress=False)
     assert all(torch.equal(comp.routers[n], again.routers[n]) for n in comp.routers)
     # the same candidates as the static method for a seed
-    static = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), num_candidates=2, budget=4,
+    static = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), num_candidates=2, budget=6,
                      population=4, seed=5, progress=False)
     routed2 = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), num_candidates=2, method="routed",
                       routed=RoutedConfig(steps=1, top_k=1), seed=5, progress=False)

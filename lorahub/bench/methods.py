@@ -10,6 +10,8 @@ way, for evaluating a saved adapter folder.
 ==========================  ======  ================================================================================
 name                        seeded  what it does
 ==========================  ======  ================================================================================
+majority                    no      no model: the most common answer of the 5 learning examples, for every question (ties:
+                                    the first drawn); the floor a few-shot method must clear to have learnt more than that
 zero-shot                   no      the base model on ``"{description}\\n\\nQ: {input}\\nA:"``
 icl                         no      the 5 learning examples as Q/A blocks in the prompt
 best-single                 no      the hub module with the lowest few-shot loss (all modules scored in batched passes)
@@ -60,6 +62,7 @@ class Prepared:
     compose_seconds: float = 0.0  # wall time of preparing (search, scoring), not of generating
     evals: int = 0  # candidate evaluations (few-shot loss of one weighting = 1)
     info: dict[str, Any] = field(default_factory=dict)  # weights, modules, loss, optimizer, ...
+    reads_prompts: bool = True  # False: the answers do not come from the prompts (their tokens count 0)
 
 
 PrepareFn = Callable[["Worker", TaskSplit, "int | None", dict], Prepared]
@@ -175,7 +178,8 @@ class Worker:
         return {
             "task": task_name, "method": method_name, "seed": seed,
             "em": exact_match(preds, task.references), "n_test": len(task.test), "n_learn": len(task.learn),
-            "tokens_per_example": prompt_tokens(tok, prep.prompts, model), "max_new_tokens": max_new,
+            "tokens_per_example": prompt_tokens(tok, prep.prompts, model) if prep.reads_prompts else 0.0,
+            "max_new_tokens": max_new,
             "compose_seconds": round(prep.compose_seconds, 4), "eval_seconds": round(eval_seconds, 4),
             "evals": prep.evals, "machine": machine_description(next(model.parameters()).device), **prep.info,
             "predictions": preds,
@@ -218,6 +222,32 @@ def prompt_tokens(tokenizer: Any, prompts: list[str], model: Any) -> float:
 
 
 # -- the methods ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConstantAnswer:
+    """Gives one answer to every prompt: the ``majority`` baseline's predictor."""
+
+    answer: str
+
+    def predict(self, prompts: list[str], **kwargs: Any) -> list[str]:
+        return [self.answer] * len(prompts)
+
+
+def majority_answer(targets: list[str]) -> str:
+    """The most common of ``targets``; a tie goes to the one that comes first."""
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.__getitem__)  # max keeps the first of equal counts, in insertion order
+
+
+def _majority(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
+    """The learning examples' most common answer for every test question. With a model that answers a whole task
+    with one label (SmolLM2-135M does, ICL included: docs/results.md), this is what such a method can reach by
+    reading only the answers of its examples."""
+    answer = majority_answer([ex.output for ex in task.learn])
+    return Prepared(task.test_prompts, ConstantAnswer(answer), info={"answer": answer}, reads_prompts=False)
 
 
 def _zero_shot(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
@@ -337,6 +367,7 @@ def adapter_method(path: str | os.PathLike) -> Method:
                   label=f"adapter {folder.name}")
 
 
+register(Method("majority", _majority, label="Majority answer of the 5 examples (no model)"))
 register(Method("zero-shot", _zero_shot, label="Zero-shot"))
 register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
@@ -368,4 +399,4 @@ register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=Tr
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
                 label="lorahub-routed (learnt top-2 routers)"))
-DEFAULT_METHODS = ["zero-shot", "icl", "best-single", "lorahub-reference", "lorahub-default"]
+DEFAULT_METHODS = ["majority", "zero-shot", "icl", "best-single", "lorahub-reference", "lorahub-default"]

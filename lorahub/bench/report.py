@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..files import atomic_write_text
+from ..metrics import normalize
 from ..tables import markdown_table
 from .bbh import TUNING_TASKS
 from .methods import DEFAULT_METHODS, METHODS
@@ -64,6 +65,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "compose_seconds": compose_s, "eval_seconds": eval_s,
             "examples_per_second": n_test / eval_s if eval_s else None,
             "evals_per_second": evals / compose_s if evals and compose_s else None,
+            "top_answer": statistics.mean(top_answer_share(r["predictions"]) for r in rs)
+            if all(r.get("predictions") for r in rs) else None,
             "per_task": {t: statistics.mean(v) for t, v in per_task.items()},
             "task_jobs": {t: len(v) for t, v in per_task.items()},
         }
@@ -73,6 +76,13 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             table.append({**common, "kind": "avg", "em": statistics.mean(statistics.mean(v) for v in per_task.values())})
             table.append({**common, "kind": "best", "em": statistics.mean(max(v) for v in per_task.values())})
     return table
+
+
+def top_answer_share(predictions: list[str]) -> float:
+    """How often a job gave its most common answer, ×100 (after the metric's normalisation): 100 means one
+    answer for every question, whatever the question said."""
+    counts = Counter(normalize(p) for p in predictions)
+    return 100.0 * max(counts.values()) / len(predictions)
 
 
 def complete_tasks(rows: list[dict[str, Any]]) -> set[str]:
@@ -174,8 +184,9 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         + ("the rest" if not limit else f"the first {limit} of the rest (--limit)")
         + " are the test set. Exact match ×100 after strip(), lower() and removing \".\"; each figure is the "
         "mean over the `tasks` column's tasks. Seeded methods: *avg* = mean over seeds, *best* = best seed per "
-        "task. Tokens = mean prompt tokens per test example. Seconds are summed over the method's jobs; "
-        "compose = few-shot search or scoring, eval = greedy generation on the test set.",
+        "task. Tokens = mean prompt tokens per test example. *Top answer* = how often a job gave its most common "
+        "answer, % of its test questions (100: one answer to every question), averaged over jobs. Seconds are "
+        "summed over the method's jobs; compose = few-shot search or scoring, eval = greedy generation on the test set.",
         "",
         f"Tasks with every method and seed finished: {len(complete)} (BBH has 27); started: {len(started)}.",
         "",
@@ -183,12 +194,12 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
            "finished; the table below averages over those tasks only, so that the rows compare on the same "
            "tasks. The per-task table shows every finished job.", ""] if partial else []),
         markdown_table(
-            ["method", "", "exact match", "tasks", "seeds", "tokens / example", "compose s", "eval s",
+            ["method", "", "exact match", "tasks", "seeds", "top answer %", "tokens / example", "compose s", "eval s",
              "eval examples/s", "compose evals/s"],
             [[t["label"], t["kind"], f"{t['em']:.1f}", t["tasks"], ",".join(map(str, t["seeds"])) or "–",
-              f"{t['tokens']:.0f}", f"{t['compose_seconds']:.1f}", f"{t['eval_seconds']:.1f}",
+              _f(t["top_answer"]), f"{t['tokens']:.0f}", f"{t['compose_seconds']:.1f}", f"{t['eval_seconds']:.1f}",
               _f(t["examples_per_second"]), _f(t["evals_per_second"], "{:.2f}")] for t in table],
-            ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"],
+            ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:"],
         ),
     ]
     compose_h = sum(r["compose_seconds"] for r in rows) / 3600
