@@ -101,15 +101,18 @@ def tuning_line(task: str, seed: int, variant: str, limit: int, row: dict) -> di
 
 def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: list[str], limit: int,
                   hub: dict) -> list[dict]:
-    """Lines for the variants that a ``lorahub bbh`` folder already ran: same spec, same hub, same test limit.
+    """Lines for the variants that a ``lorahub bbh`` folder already ran: same spec, same hub, and a test set that
+    starts with this one's (``--limit`` keeps the first N of the same split, so a run of all test examples, or of
+    a larger limit, holds the predictions for the first ``limit``; its EM is recomputed on those).
 
     A BBH method whose spec equals a variant's is the same computation (same selection, search and generation
     code, same seed), so its rows are reused rather than recomputed."""
     from lorahub.bench.runner import CONFIG, RESULTS, read_results
 
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    if config["protocol"].get("limit") != limit:
-        raise SystemExit(f"{folder}: ran with --limit {config['protocol'].get('limit')}, not {limit}")
+    ran = config["protocol"].get("limit")
+    if ran is not None and ran < limit:
+        raise SystemExit(f"{folder}: ran with --limit {ran}, fewer test examples than {limit}")
     same = {}
     for method, spec in config["methods"].items():
         spec = dict(spec)
@@ -121,7 +124,9 @@ def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: li
     for row in read_results(folder / RESULTS, repair=False):
         for v, method in same.items():
             if row["method"] == method and row["task"] in tasks and row["seed"] in seeds:
-                out.append(tuning_line(row["task"], row["seed"], v, limit, row))
+                preds = row["predictions"][:limit]
+                em = exact_match(preds, bbh.load_task(row["task"], None, limit=limit).references)
+                out.append(tuning_line(row["task"], row["seed"], v, limit, {**row, "predictions": preds, "em": em}))
     return out
 
 

@@ -133,7 +133,8 @@ def compose(
         num_candidates: candidate modules chosen from the library by ``select``.
         select: how they are chosen (:data:`lorahub.select.SELECTORS`): ``"random"`` (LoraHub's draw with
             ``seed``), ``"retrieve"`` (the hub's module embeddings closest to the examples' inputs), ``"probe"``
-            (the lowest few-shot loss alone; all N modules scored, N evaluations) or ``"retrieve+probe"``.
+            (the lowest few-shot loss alone; all N modules scored, N evaluations), ``"retrieve+probe"``,
+            ``"format+retrieve"`` or ``"auto"`` (format+retrieve where the hub has module embeddings, else random).
             The selection and its scores are recorded (``record["selection"]``).
         candidate_order: the candidates' order as search dimensions, which the optimizer's path depends on:
             ``"store"`` (the library's) or ``"sample"`` (the selector's: LoraHub's ``random.sample`` order).

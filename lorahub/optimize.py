@@ -138,7 +138,8 @@ class SearchConfig:
         num_candidates: candidate modules chosen from the library by ``select`` (LoraHub: 20).
         select: how the candidates are chosen (:data:`lorahub.select.SELECTORS`): "random" (LoraHub's draw),
             "retrieve" (embedding similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe",
-            "format+retrieve" (retrieve, modules of the examples' answer format first).
+            "format+retrieve" (retrieve, modules of the examples' answer format first), "auto" (format+retrieve on a
+            hub with module embeddings, else random).
         candidate_order: the candidates' order as search dimensions: "store" (the library's) or "sample" (the
             selector's: random's draw order, as the reference; the optimizer's path depends on it).
         loss_scale: the loss in the objective: "token-mean" (lorahub) or "per-example" (the reference's
@@ -160,7 +161,8 @@ class SearchConfig:
     num_candidates: int = field(default=20, metadata={"help": "candidate modules chosen from the library (by --select)"})
     select: str = field(default="random", metadata={
         "help": "how candidates are chosen: random (LoraHub), retrieve (embedding similarity to the examples), "
-                "probe (lowest single-module loss), retrieve+probe, format+retrieve (the examples' answer format first)"})
+                "probe (lowest single-module loss), retrieve+probe, format+retrieve (the examples' answer format first), "
+                "auto (format+retrieve where the hub has embeddings, else random)"})
     candidate_order: str = field(default="store", metadata={
         "help": "candidate order in the search: store (the library's) or sample (the selector's; the reference's)"})
     loss_scale: str = field(default="token-mean", metadata={

@@ -11,6 +11,8 @@ probe               the k modules with the lowest few-shot loss alone (weight 1)
                     passes of the :class:`~lorahub.evaluate.PopulationEvaluator` (N evaluations)
 retrieve+probe      retrieve 2k, keep the k of them with the lowest probe loss (2k evaluations)
 format+retrieve     retrieve among the modules of the examples' answer format (option letters or not) first
+auto                format+retrieve where every module has a task embedding, else random (module folders, or
+                    a hub whose training inputs are not at hand, such as lorahub-flan-t5-large)
 ==================  ====================================================================================
 
 A :class:`Selection` keeps the chosen names in the selector's own order (random: the draw order; the others:
@@ -170,6 +172,24 @@ def select_format_retrieve(store: ModuleStore, k: int, seed: int, task: Selectio
                      info={"embedder": embedder_name, "answer_format": fmt, "in_format": len(in_format)})
 
 
+def has_embeddings(store: ModuleStore) -> bool:
+    """Whether the store is a hub whose manifest records module embeddings (what retrieval needs).
+
+    A hub that records them but lacks some, or whose vectors file is damaged, still counts: retrieval then fails
+    with an error that names the fix, rather than ``auto`` quietly drawing at random."""
+    return store.manifest_path is not None and bool(read_manifest(store.manifest_path).get("embeddings"))
+
+
+def select_auto(store: ModuleStore, k: int, seed: int, task: SelectionTask) -> Selection:
+    """``format+retrieve`` where the library can retrieve (:func:`has_embeddings`), else LoraHub's ``random`` draw.
+    ``info["ran"]`` names the selector that ran, as the optimizer that ran is recorded."""
+    ran = "format+retrieve" if has_embeddings(store) else "random"
+    selection = SELECTORS[ran](store, k, seed, task)
+    selection.info["ran"] = ran
+    selection.selector = "auto"
+    return selection
+
+
 def probe_losses(store: ModuleStore, names: Sequence[str], task: SelectionTask, *,
                  chunk: int = PROBE_CHUNK) -> dict[str, float]:
     """Few-shot loss of each module alone (one-hot weight 1): batched passes, ``chunk`` modules stacked at once.
@@ -213,6 +233,7 @@ SELECTORS: dict[str, Selector] = {
     "probe": select_probe,
     "retrieve+probe": select_retrieve_probe,
     "format+retrieve": select_format_retrieve,
+    "auto": select_auto,
 }
 
 

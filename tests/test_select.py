@@ -68,8 +68,9 @@ def examples_of(task: str) -> list[dict]:
 
 
 def test_registry_and_unknown_names():
-    assert list(SELECTORS) == ["random", "retrieve", "probe", "retrieve+probe", "format+retrieve"]
-    with pytest.raises(LorahubValueError, match=r"unknown selector 'nope'. Available: random, retrieve, probe, retrieve\+probe, format\+retrieve"):
+    assert list(SELECTORS) == ["random", "retrieve", "probe", "retrieve+probe", "format+retrieve", "auto"]
+    with pytest.raises(LorahubValueError, match=r"unknown selector 'nope'. Available: random, retrieve, probe, "
+                                                r"retrieve\+probe, format\+retrieve, auto"):
         get_selector("nope")
     with pytest.raises(LorahubValueError, match="unknown selector 'nope'"):
         SearchConfig(select="nope")
@@ -131,6 +132,18 @@ def test_format_retrieve_puts_the_answer_format_first(embedded_hub):
     assert sel.info["answer_format"] == "letters" and sel.info["in_format"] == 1
     native = select_candidates("format+retrieve", embedded_hub, 4, 0, SelectionTask(as_examples(examples_of("colors"))))
     assert native.info["answer_format"] == "native" and native.names[-1] == "colors"  # out of format: last
+
+
+def test_auto_retrieves_where_it_can_and_draws_where_it_cannot(embedded_hub, store):
+    """auto = format+retrieve on a hub with module embeddings, LoraHub's random draw on plain module folders;
+    the record names the selector that ran."""
+    task = SelectionTask(as_examples(examples_of("arithmetic")))
+    on_hub = select_candidates("auto", embedded_hub, 2, 0, task)
+    assert on_hub.selector == "auto" and on_hub.info["ran"] == "format+retrieve"
+    assert on_hub.names == select_candidates("format+retrieve", embedded_hub, 2, 0, task).names
+    assert on_hub.names[0] == "arithmetic" and on_hub.record()["ran"] == "format+retrieve"
+    on_folders = select_candidates("auto", store, 2, 7, task)
+    assert on_folders.info["ran"] == "random" and on_folders.names == random.Random(7).sample(store.names, 2)
 
 
 def test_compose_records_the_selection(embedded_hub, tiny_llama, tmp_path):
