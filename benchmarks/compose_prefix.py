@@ -37,7 +37,7 @@ def main() -> None:
     examples = [{"input": e.input, "output": e.output} for e in held[: args.shots]]
     runs = {}
     default = lorahub.evaluate.MIN_SHARED_PREFIX
-    compose(examples[:2], args.hub, budget=2, population=2, num_candidates=2, progress=False)  # warm caches
+    compose(examples[:2], args.hub, budget=4, population=2, num_candidates=2, progress=False)  # warm caches
     for name, threshold in (("whole", 0), ("shared", default)):
         lorahub.evaluate.MIN_SHARED_PREFIX = threshold
         t = time.perf_counter()

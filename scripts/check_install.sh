@@ -56,7 +56,7 @@ step "lorahub modules verify (default hub, from the package)"
 "$LORAHUB" modules verify >verify.txt
 tail -n 2 verify.txt
 
-step "lorahub compose (default hub, 5 examples, budget 4)"
+step "lorahub compose (default hub, 5 examples, budget 8: 4 probes + 4)"
 cat >examples.jsonl <<'EOF'
 {"input": "Today I walk. Yesterday I ", "output": "walked"}
 {"input": "Today I jump. Yesterday I ", "output": "jumped"}
@@ -64,7 +64,7 @@ cat >examples.jsonl <<'EOF'
 {"input": "Today I cook. Yesterday I ", "output": "cooked"}
 {"input": "Today I paint. Yesterday I ", "output": "painted"}
 EOF
-"$LORAHUB" compose --examples examples.jsonl --budget 4 --population 2 --num-candidates 4 --no-progress --out OUT
+"$LORAHUB" compose --examples examples.jsonl --budget 8 --population 2 --num-candidates 4 --no-progress --out OUT
 for f in adapter_config.json adapter_model.safetensors lorahub.json README.md; do
     [ -s "OUT/$f" ] || { echo "compose wrote no OUT/$f" >&2; exit 1; }
 done
