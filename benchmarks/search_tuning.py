@@ -6,10 +6,18 @@ pass): the same prepare and generation code as the BBH table, so a variant that 
 registered as is. Defaults are chosen on :data:`lorahub.bench.bbh.TUNING_TASKS` only (every third BBH task); the
 other 18 tasks are the confirmation set and are never run here unless named with ``--tasks``.
 
+``--suite pool`` runs the same variants on tasks that neither BBH nor the hub holds: BIG-bench pool tasks
+(``--tasks-dir``, the project's pool beside the checkout by default) that no hub module was trained on, a spread
+of ``--pool-tasks`` of them in name order (``--pool-families new`` keeps only task families the hub has no module
+of), each with BBH's protocol (5 learning examples drawn with seed 42, the first ``--limit`` of the rest as the
+test set) and its prompts as the pool renders them (the hub build's own format). A default must hold there too.
+
 One JSON line per (task, seed, variant) goes to ``--out`` (appended; a rerun skips what is there, so a killed
-run resumes). The table at the end is computed from that file.
+run resumes). Each line carries the EM of the ``majority`` baseline on its test set. The table at the end is
+computed from that file.
 
     python benchmarks/search_tuning.py --seeds 1 --limit 50 --out benchmarks/results/search_tuning.jsonl
+    python benchmarks/search_tuning.py --suite pool --seeds 1 --out benchmarks/results/search_tuning_pool.jsonl
     python benchmarks/search_tuning.py --report benchmarks/results/search_tuning.jsonl
 """
 
@@ -20,10 +28,12 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 from lorahub.bench import bbh
 from lorahub.bench.methods import METHODS, Worker, majority_answer
 from lorahub.bench.report import top_answer_share
+from lorahub.bigbench import list_tasks, read_task
 from lorahub.files import append_line
 from lorahub.metrics import exact_match
 
@@ -56,16 +66,49 @@ ROW_KEYS = ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds
             "predictions")
 
 
+POOL = Path(__file__).resolve().parents[2] / "shared" / "bigbench"  # the project's BIG-bench pool, beside the checkout
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolTaskSplit(bbh.TaskSplit):
+    """A BIG-bench pool task in the BBH harness: the prompt is the task's rendered input as it is (the format the
+    hub's modules were trained in), with no BBH description around it."""
+
+    def prompt(self, question: str) -> str:
+        return question
+
+
+def pool_task_names(tasks_dir: Path, hub: Any, count: int, families: str) -> list[str]:
+    """``count`` pool tasks no hub module was trained on, spread evenly over their sorted names (``families="new"``:
+    only families, the name before ``__``, that no hub module comes from)."""
+    trained = {hub.specs[n].task for n in hub.names}
+    unused = sorted(t for t in list_tasks(tasks_dir) if t not in trained)
+    if families == "new":
+        seen = {t.split("__")[0] for t in trained}
+        unused = [t for t in unused if t.split("__")[0] not in seen]
+    if count >= len(unused):
+        return unused
+    return [unused[i * len(unused) // count] for i in range(count)]
+
+
+def load_pool_task(tasks_dir: Path, name: str, limit: int | None) -> PoolTaskSplit:
+    """BBH's split of a pool task (native format): 5 learning examples drawn with seed 42, the rest as the test set."""
+    examples = read_task(tasks_dir, name).examples
+    learn, test = bbh.split_indices(len(examples))
+    test = test[:limit] if limit else test
+    return PoolTaskSplit(name, "", tuple(examples[i] for i in learn), tuple(examples[i] for i in test), tuple(learn),
+                         len(examples), tuple(sorted({ex.output for ex in examples})))
+
+
+def majority_em(split: bbh.TaskSplit) -> float:
+    """EM of the ``majority`` baseline (the learning examples' most common answer, no model) on ``split``'s test set."""
+    return exact_match([majority_answer([ex.output for ex in split.learn])] * len(split.test), split.references)
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def majority_em(task: str, limit: int) -> float:
-    """EM of the ``majority`` baseline (the learning examples' most common answer, no model) on the same test set."""
-    split = bbh.load_task(task, None, limit=limit)
-    return exact_match([majority_answer([ex.output for ex in split.learn])] * len(split.test), split.references)
 
 
 def report(rows: list[dict], baseline: str = "reference") -> str:
@@ -76,7 +119,8 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = ["| variant | jobs | EM | majority EM, same jobs | top answer % | few-shot loss | evals | compose s | vs "
              + baseline + " (W/L/T, mean ΔEM) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    floor = {(r["task"], r["limit"]): majority_em(r["task"], r["limit"]) for r in rows}
+    floor = {(r["task"], r["limit"]): r["majority_em"] if "majority_em" in r else
+             majority_em(bbh.load_task(r["task"], None, limit=r["limit"])) for r in rows}
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         pairs = [(r["em"], by[(r["task"], r["seed"], baseline)]["em"]) for r in mine
@@ -92,11 +136,11 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
     return "\n".join(lines)
 
 
-def tuning_line(task: str, seed: int, variant: str, limit: int, row: dict) -> dict:
+def tuning_line(split: bbh.TaskSplit, seed: int, variant: str, limit: int, row: dict) -> dict:
     """The results-file line of one (task, seed, variant) from a BBH job row."""
     selection = row.get("selection") or {}
-    return {"task": task, "seed": seed, "variant": variant, "limit": limit, **{k: row.get(k) for k in ROW_KEYS},
-            "selected": selection.get("modules"), "spec": VARIANTS[variant]}
+    return {"task": split.name, "seed": seed, "variant": variant, "limit": limit, **{k: row.get(k) for k in ROW_KEYS},
+            "selected": selection.get("modules"), "spec": VARIANTS[variant], "majority_em": majority_em(split)}
 
 
 def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: list[str], limit: int,
@@ -124,21 +168,28 @@ def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: li
     for row in read_results(folder / RESULTS, repair=False):
         for v, method in same.items():
             if row["method"] == method and row["task"] in tasks and row["seed"] in seeds:
+                split = bbh.load_task(row["task"], None, limit=limit)
                 preds = row["predictions"][:limit]
-                em = exact_match(preds, bbh.load_task(row["task"], None, limit=limit).references)
-                out.append(tuning_line(row["task"], row["seed"], v, limit, {**row, "predictions": preds, "em": em}))
+                em = exact_match(preds, split.references)
+                out.append(tuning_line(split, row["seed"], v, limit, {**row, "predictions": preds, "em": em}))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default=",".join(bbh.TUNING_TASKS), help="default: the tuning third of BBH")
+    ap.add_argument("--suite", choices=("bbh", "pool"), default="bbh",
+                    help="bbh: BBH's tuning tasks; pool: BIG-bench pool tasks that no hub module was trained on")
+    ap.add_argument("--tasks", default=None, help="comma list (default: the tuning third of BBH, or the pool spread)")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--variants", default=FIRST, help=f"comma list of: {', '.join(VARIANTS)}")
     ap.add_argument("--limit", type=int, default=50, help="test examples per task for exact match")
     ap.add_argument("--hub", default=None, help="hub name or manifest (default: the default hub)")
+    ap.add_argument("--tasks-dir", type=Path, default=POOL, help="--suite pool: the BIG-bench pool folder")
+    ap.add_argument("--pool-tasks", type=int, default=12, help="--suite pool: how many tasks")
+    ap.add_argument("--pool-families", choices=("all", "new"), default="all",
+                    help="--suite pool: new = only task families the hub has no module of")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/search_tuning.jsonl")
+    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/search_tuning[_pool].jsonl)")
     ap.add_argument("--report", default=None, help="only print the table of this results file")
     ap.add_argument("--from-bbh", default=None, metavar="DIR",
                     help="reuse the rows of a `lorahub bbh --out DIR` run whose method spec equals a variant's")
@@ -149,10 +200,16 @@ def main() -> None:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}. Available: {', '.join(VARIANTS)}")
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/search_tuning{'_pool' if args.suite == 'pool' else ''}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tasks, seeds, variants = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.variants.split(",")
     worker = Worker(hub=args.hub, threads=args.threads)
+    if args.tasks:
+        tasks = args.tasks.split(",")
+    elif args.suite == "pool":
+        tasks = pool_task_names(args.tasks_dir, worker.store, args.pool_tasks, args.pool_families)
+    else:
+        tasks = list(bbh.TUNING_TASKS)
+    seeds, variants = [int(s) for s in args.seeds.split(",")], args.variants.split(",")
     done = {(r["task"], r["seed"], r["variant"]) for r in read_rows(out)}
     if args.from_bbh:
         from lorahub.bench.runner import hub_fingerprint
@@ -164,14 +221,17 @@ def main() -> None:
                 print(f"{line['task']} seed {line['seed']} {line['variant']}: from {args.from_bbh}", flush=True)
     template = METHODS["lorahub-default"]
     for task_name in tasks:
-        task = bbh.load_task(task_name, None, limit=args.limit)
+        if args.suite == "pool":
+            task = load_pool_task(args.tasks_dir, task_name, args.limit)
+        else:
+            task = bbh.load_task(task_name, None, limit=args.limit)
         for seed in seeds:
             for v in variants:
                 if (task_name, seed, v) in done:
                     continue
                 method = dataclasses.replace(template, name=v, spec=VARIANTS[v])
                 row = worker.run((task_name, v, seed), task, method)
-                append_line(out, json.dumps(tuning_line(task_name, seed, v, args.limit, row)))
+                append_line(out, json.dumps(tuning_line(task, seed, v, args.limit, row)))
                 print(f"{task_name} seed {seed} {v}: em {row['em']:.1f} loss {row['loss']:.4f} evals {row['evals']} "
                       f"compose {row['compose_seconds']:.1f}s", flush=True)
     print(report(read_rows(out)))

@@ -18,9 +18,9 @@ best-single                 no      the hub module with the lowest few-shot loss
 lorahub-reference           yes     LoraHub as published: 20 random modules in ``random.sample`` order, budget 40,
                                     ``optimizer="ngopt"`` (Cobyla) from w = 0, the reference's objective (loss / number
                                     of examples + 0.05·mean|w|; ``loss_scale="per-example"``, ``candidate_order="sample"``)
-lorahub-default             yes     lorahub's defaults: 20 random modules, the single modules probed first (N evaluations
-                                    beyond the budget), then CMA-ES from the best of them (first step ``DEFAULT_STEP``)
-                                    with batched evaluation, budget 40 (``--budget``)
+lorahub-default             yes     lorahub's defaults: 20 random modules, the single modules probed first, then CMA-ES
+                                    from the best of them (first step ``DEFAULT_STEP``) with batched evaluation; budget
+                                    40 (``--budget``), the 20 probes included
 lorahub-retrieve            yes     lorahub-default over the 20 modules whose task embeddings are nearest the learning
                                     inputs (``select="retrieve"``; needs the hub's embeddings; not in the defaults)
 lorahub-probe               yes     lorahub-default over the 20 modules of lowest single-module loss (``select="probe"``:
