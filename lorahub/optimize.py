@@ -168,7 +168,8 @@ class SearchConfig:
     loss_scale: str = field(default="token-mean", metadata={
         "help": "loss in the objective: token-mean (lorahub) or per-example (the reference: loss / number of examples)"})
     budget: int = field(default=40, metadata={"help": "few-shot evaluations in all, single-module probes included"})
-    population: int | None = field(default=None, metadata={"help": "candidates per batch (CMA default 4+3 ln N, at most budget/5)"})
+    population: int | None = field(default=None, metadata={
+        "help": "candidates per batch (CMA default 4+3 ln N, at most a fifth of what the probes leave of the budget)"})
     optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}, or ng:NAME (nevergrad's registry)"})
     l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
     lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})

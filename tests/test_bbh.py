@@ -73,6 +73,16 @@ def test_majority_answer_and_top_answer_share():
     assert top_answer_share(["yes", "no"]) == 50.0
 
 
+def test_a_spec_from_before_the_budget_counted_the_probes_is_refused():
+    from lorahub.bench.methods import METHODS
+
+    spec = dict(METHODS["lorahub-default"].spec)
+    assert spec["probes_in_budget"] and spec["probe_singles"]
+    del spec["probes_in_budget"]  # as in the config.json of runs made before December 2026
+    with pytest.raises(LorahubValueError, match="probes the single modules on top of its budget"):
+        METHODS["lorahub-default"].prepare(None, None, 1, spec)  # refused before it touches the model or the task
+
+
 def test_unknown_method_lists_available():
     with pytest.raises(LorahubValueError, match="unknown method 'lorahub'.*zero-shot.*lorahub-default"):
         get_method("lorahub")

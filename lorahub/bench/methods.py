@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -235,11 +236,9 @@ class ConstantAnswer:
 
 
 def majority_answer(targets: list[str]) -> str:
-    """The most common of ``targets``; a tie goes to the one that comes first."""
-    counts: dict[str, int] = {}
-    for t in targets:
-        counts[t] = counts.get(t, 0) + 1
-    return max(counts, key=counts.__getitem__)  # max keeps the first of equal counts, in insertion order
+    """The most common of ``targets``; a tie goes to the one that comes first (``Counter.most_common`` keeps equal
+    counts in the order first met)."""
+    return Counter(targets).most_common(1)[0][0]
 
 
 def _majority(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
