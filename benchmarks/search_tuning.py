@@ -119,8 +119,9 @@ def report(rows: list[dict], baseline: str = "reference") -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = ["| variant | jobs | EM | majority EM, same jobs | top answer % | few-shot loss | evals | compose s | vs "
              + baseline + " (W/L/T, mean ΔEM) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    floor = {(r["task"], r["limit"]): r["majority_em"] if "majority_em" in r else
-             majority_em(bbh.load_task(r["task"], None, limit=r["limit"])) for r in rows}
+    floor = {(r["task"], r["limit"]): r["majority_em"] for r in rows if "majority_em" in r}
+    for task, limit in {(r["task"], r["limit"]) for r in rows} - set(floor):  # lines written before they carried it
+        floor[(task, limit)] = majority_em(bbh.load_task(task, None, limit=limit))
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         pairs = [(r["em"], by[(r["task"], r["seed"], baseline)]["em"]) for r in mine
@@ -165,10 +166,13 @@ def rows_from_bbh(folder: Path, tasks: list[str], seeds: list[int], variants: li
         spec.pop("seeded", None)
         same.update({v: method for v in variants if VARIANTS[v] == spec})
     out = []
+    splits: dict[str, bbh.TaskSplit] = {}
     for row in read_results(folder / RESULTS, repair=False):
         for v, method in same.items():
             if row["method"] == method and row["task"] in tasks and row["seed"] in seeds:
-                split = bbh.load_task(row["task"], None, limit=limit)
+                if row["task"] not in splits:
+                    splits[row["task"]] = bbh.load_task(row["task"], None, limit=limit)
+                split = splits[row["task"]]
                 preds = row["predictions"][:limit]
                 em = exact_match(preds, split.references)
                 out.append(tuning_line(split, row["seed"], v, limit, {**row, "predictions": preds, "em": em}))

@@ -19,7 +19,7 @@ from .files import locked_output
 from .generate import generate, merged_into
 from .loading import load_base_for, resolve_store, stack_for
 from .models import is_seq2seq
-from .optimize import SearchConfig, SearchResult, divisor_of, search, search_evaluations
+from .optimize import SearchConfig, SearchResult, divisor_of, resolve_probe_singles, search, search_evaluations
 from .progress import progress_bar
 from .select import SelectionTask, get_order, get_selector, select_candidates
 from .store import StackedModules
@@ -188,8 +188,7 @@ def compose(
         comp.record.update(chosen)
         return comp
 
-    if probe_singles is None:
-        probe_singles = optimizer != "ngopt"
+    probe_singles = resolve_probe_singles(probe_singles, optimizer)
     search_evaluations(budget, len(names) if probe_singles else 0)  # before any scoring: the probes fit the budget
     # one bar over every scored weighting: w = 0, then the budget (the single-module probes first)
     bar = progress_bar(1 + budget, "compose", progress, unit="eval")

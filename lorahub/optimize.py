@@ -106,6 +106,12 @@ def divisor_of(loss_scale: str, num_examples: int) -> float:
     return LOSS_SCALES[loss_scale](num_examples)
 
 
+def resolve_probe_singles(probe_singles: bool | None, optimizer: str) -> bool:
+    """Whether a search probes the single modules first: as asked, or by default for every optimizer but the
+    reference's ``"ngopt"`` (LoraHub probes nothing)."""
+    return optimizer != "ngopt" if probe_singles is None else bool(probe_singles)
+
+
 def search_evaluations(budget: int, num_probes: int) -> int:
     """The evaluations left to the optimizer once the probes are scored: ``budget`` counts every evaluation of a
     search, the probes included, so a budget means the same cost with or without them."""

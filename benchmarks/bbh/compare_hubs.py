@@ -20,6 +20,7 @@ from lorahub.bigbench import LETTER_ANSWER
 from lorahub.metrics import exact_match
 from lorahub.tables import markdown_table
 
+
 def letter_tasks() -> set[str]:
     """BBH tasks whose targets are option letters (at least 90% of them: movie_recommendation and ruin_names
     have a few text targets in BBH's data)."""

@@ -50,7 +50,7 @@ from ..files import sha256_file
 from ..data import as_examples, format_example
 from ..errors import LorahubValueError
 from ..metrics import exact_match
-from ..optimize import SearchConfig
+from ..optimize import SearchConfig, resolve_probe_singles
 from .bbh import TaskSplit
 
 
@@ -286,8 +286,7 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
     that time is refused rather than silently rerun with another meaning."""
     from ..api import compose
 
-    probes = spec.get("probe_singles")
-    if (probes or (probes is None and spec["optimizer"] != "ngopt")) and not spec.get("probes_in_budget"):
+    if resolve_probe_singles(spec.get("probe_singles"), spec["optimizer"]) and not spec.get("probes_in_budget"):
         raise LorahubValueError("this method's spec probes the single modules on top of its budget (the budget's "
                                 "old meaning); the budget now counts the probes, so this spec cannot be rerun: "
                                 "add \"probes_in_budget\": true and run into a new --out folder")
