@@ -1,6 +1,7 @@
 """Gradient-free search of the module weights with nevergrad's ask/tell.
 
-The default is true CMA-ES (``ParametrizedCMA`` with an explicit population) whose whole population is
+The default is Cobyla from the best single module (the N probes are scored in one batched pass first);
+``"cma"`` is true CMA-ES (``ParametrizedCMA`` with an explicit population) whose whole population is
 scored in one batched pass. ``"ngopt"`` reproduces the LoraHub reference: ``ng.optimizers.NGOpt`` with
 one worker, which for this problem (bounded, small budget) resolves to Cobyla, evaluated one candidate
 at a time. The optimizer that actually ran is recorded (``SearchResult.optimizer``).
@@ -42,12 +43,24 @@ def _ngopt(param: ng.p.Array, budget: int, population: int, step: float) -> ng.o
     return ng.optimizers.NGOpt(param, budget=budget, num_workers=population)
 
 
+def _cobyla(param: ng.p.Array, budget: int, population: int, step: float) -> ng.optimizers.base.Optimizer:
+    """Cobyla, by name: what NGOpt resolves to here (same points, tested), without the reference's meaning.
+
+    Its first ``N + 1`` evaluations build its simplex: the start, then the start plus 0.5 on each weight in turn
+    (``step`` unused); from the best single module with 20 candidates and 20 evaluations, that is the search."""
+    if population != 1:
+        raise LorahubValueError(f"optimizer 'cobyla' scores one candidate at a time; use population=1 (or leave it "
+                                f"unset), not {population}; optimizer='cma' scores a population per pass")
+    return ng.optimizers.Cobyla(param, budget=budget, num_workers=1)
+
+
 OPTIMIZERS: dict[str, Callable[..., ng.optimizers.base.Optimizer]] = {
     "cma": _cma,
+    "cobyla": _cobyla,
     "ngopt": _ngopt,
 }
 NEVERGRAD_PREFIX = "ng:"  # "ng:NAME": any optimizer of nevergrad's registry, e.g. "ng:TwoPointsDE"
-DEFAULT_POPULATION = {"ngopt": 1}  # the reference asks and tells one candidate at a time
+DEFAULT_POPULATION = {"ngopt": 1, "cobyla": 1}  # one candidate at a time (the reference; Cobyla is sequential)
 
 
 def optimizer_factory(name: str) -> Callable[..., ng.optimizers.base.Optimizer]:
@@ -112,6 +125,11 @@ def resolve_probe_singles(probe_singles: bool | None, optimizer: str) -> bool:
     return optimizer != "ngopt" if probe_singles is None else bool(probe_singles)
 
 
+def point_key(values: np.ndarray) -> bytes:
+    """A weighting's identity for the cache of scored points (exact float64 bytes: only a true repeat matches)."""
+    return np.asarray(values, dtype=np.float64).tobytes()
+
+
 def search_evaluations(budget: int, num_probes: int) -> int:
     """The evaluations left to the optimizer once the probes are scored: ``budget`` counts every evaluation of a
     search, the probes included, so a budget means the same cost with or without them."""
@@ -142,41 +160,44 @@ class SearchConfig:
 
     Args:
         num_candidates: candidate modules chosen from the library by ``select`` (LoraHub: 20).
-        select: how the candidates are chosen (:data:`lorahub.select.SELECTORS`): "random" (LoraHub's draw),
-            "retrieve" (embedding similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe",
-            "format+retrieve" (retrieve, modules of the examples' answer format first), "auto" (format+retrieve on a
-            hub with module embeddings, else random).
-        candidate_order: the candidates' order as search dimensions: "store" (the library's) or "sample" (the
-            selector's: random's draw order, as the reference; the optimizer's path depends on it).
-        loss_scale: the loss in the objective: "token-mean" (lorahub) or "per-example" (the reference's
-            loss / number of examples, :data:`LOSS_SCALES`).
+        select: how the candidates are chosen (:data:`lorahub.select.SELECTORS`): "auto" (default: format+retrieve
+            on a hub with module embeddings, else random), "random" (LoraHub's draw), "retrieve" (embedding
+            similarity to the examples), "probe" (lowest single-module loss), "retrieve+probe", "format+retrieve"
+            (retrieve, modules of the examples' answer format first).
+        candidate_order: the candidates' order as search dimensions: "sample" (default: the selector's, most
+            similar first for retrieve, the draw order for random, as the reference) or "store" (the library's);
+            Cobyla's path depends on it.
+        loss_scale: the loss in the objective: "per-example" (default: the reference's loss / number of examples,
+            so its L1 weighs as in LoraHub) or "token-mean" (the mean answer-token loss; :data:`LOSS_SCALES`).
         budget: few-shot evaluations in all, the single-module probes included (LoraHub: 40).
         population: candidates scored per batch (CMA default: 4 + 3 ln N, at most a fifth of what the probes leave).
-        optimizer: "cma" (CMA-ES), "ngopt" (the reference's NGOpt, which runs Cobyla) or "ng:NAME" (any of
-            nevergrad's registry, one candidate at a time unless ``population`` is set).
+        optimizer: "cobyla" (default: from the best single module, one evaluation at a time), "cma" (CMA-ES, a
+            population per batched pass), "ngopt" (the reference's NGOpt, which runs Cobyla from zero) or "ng:NAME"
+            (any of nevergrad's registry, one candidate at a time unless ``population`` is set). The defaults were
+            chosen in benchmarks/search_tuning.py on the BBH tuning tasks (docs/results.md).
         l1: coefficient of the mean |w| penalty (LoraHub: 0.05).
         lower / upper: bounds of every weight (LoraHub: -1.5, 1.5).
         seed: seeds the choice of modules and the optimizer.
         probe_singles: score the N single modules in one batch first (N of the budget), so the result is never
             worse than the best of them (default: on, except for the reference optimizer "ngopt").
-        start: where CMA-ES starts: "best-probe" (the best single module; default) or "zero" (LoraHub).
+        start: where the search starts: "best-probe" (the best single module; default) or "zero" (LoraHub).
         step: CMA-ES's first step around the start, in weight units.
         max_rows: rows (candidates x examples) per forward pass; lower it if memory runs out.
     """
 
     num_candidates: int = field(default=20, metadata={"help": "candidate modules chosen from the library (by --select)"})
-    select: str = field(default="random", metadata={
+    select: str = field(default="auto", metadata={
         "help": "how candidates are chosen: random (LoraHub), retrieve (embedding similarity to the examples), "
                 "probe (lowest single-module loss), retrieve+probe, format+retrieve (the examples' answer format first), "
                 "auto (format+retrieve where the hub has embeddings, else random)"})
-    candidate_order: str = field(default="store", metadata={
+    candidate_order: str = field(default="sample", metadata={
         "help": "candidate order in the search: store (the library's) or sample (the selector's; the reference's)"})
-    loss_scale: str = field(default="token-mean", metadata={
+    loss_scale: str = field(default="per-example", metadata={
         "help": "loss in the objective: token-mean (lorahub) or per-example (the reference: loss / number of examples)"})
     budget: int = field(default=40, metadata={"help": "few-shot evaluations in all, single-module probes included"})
     population: int | None = field(default=None, metadata={
         "help": "candidates per batch (CMA default 4+3 ln N, at most a fifth of what the probes leave of the budget)"})
-    optimizer: str = field(default="cma", metadata={"help": f"one of {', '.join(OPTIMIZERS)}, or ng:NAME (nevergrad's registry)"})
+    optimizer: str = field(default="cobyla", metadata={"help": f"one of {', '.join(OPTIMIZERS)}, or ng:NAME (nevergrad's registry)"})
     l1: float = field(default=0.05, metadata={"help": "coefficient of the mean |w| penalty"})
     lower: float = field(default=-1.5, metadata={"help": "lower bound of each weight"})
     upper: float = field(default=1.5, metadata={"help": "upper bound of each weight"})
@@ -274,6 +295,7 @@ def search(
         raise LorahubValueError(f"budget ({budget}){left} is smaller than the population ({population}); "
                                 "raise the budget or lower the population")
     best = SearchResult(np.zeros(num_modules), math.inf, math.inf, optimizer, population)
+    scored: dict[bytes, float] = {}  # objective of every point scored, by point_key: a repeated ask is told, not rescored
 
     def evaluate(values: np.ndarray, probe: bool) -> list[float]:
         """Score (k, N) weightings in one call; record them; return objectives (+inf if not finite)."""
@@ -286,6 +308,7 @@ def search(
                 best.weights, best.objective, best.loss = v.copy(), objective, float(loss)
             entry = {"evaluation": len(best.history) + 1, "loss": float(loss), "objective": objective, "best": best.objective}
             best.history.append({**entry, "probe": True} if probe else entry)
+            scored[point_key(v)] = objective if math.isfinite(objective) else 1e30
             objectives.append(objective)
         return objectives
 
@@ -302,13 +325,19 @@ def search(
     told = probe_values if probe_values is not None and best.start == "zero" else []
     for v, objective in zip(told, probe_objectives):
         opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
-    done = num_probes
-    while done < budget:
+    done, repeats = num_probes, 0
+    while done < budget and repeats <= budget:
         k = min(population, budget - done)
         cands = [opt.ask() for _ in range(k)]
-        for c, objective in zip(cands, evaluate(np.stack([c.value for c in cands]), False)):
-            opt.tell(c, objective if math.isfinite(objective) else 1e30)
-        done += k
-        if on_step is not None:
-            on_step(done, best)
+        fresh = [c for c in cands if point_key(c.value) not in scored]
+        for c in cands:  # a point scored before (Cobyla's first ask is its start, the best probe) costs nothing
+            if point_key(c.value) in scored:
+                opt.tell(c, scored[point_key(c.value)])
+                repeats += 1
+        if fresh:
+            for c, objective in zip(fresh, evaluate(np.stack([c.value for c in fresh]), False)):
+                opt.tell(c, objective if math.isfinite(objective) else 1e30)
+            done += len(fresh)
+            if on_step is not None:
+                on_step(done, best)
     return best

@@ -49,8 +49,8 @@ def _quadratic(target):
 
 def test_cma_finds_a_quadratic_minimum_and_is_seeded():
     target = np.array([0.7, -0.4, 0.0, 1.1])
-    r1 = search(_quadratic(target), 4, budget=400, population=8, l1=0.0, seed=3)
-    r2 = search(_quadratic(target), 4, budget=400, population=8, l1=0.0, seed=3)
+    r1 = search(_quadratic(target), 4, optimizer="cma", budget=400, population=8, l1=0.0, seed=3)
+    r2 = search(_quadratic(target), 4, optimizer="cma", budget=400, population=8, l1=0.0, seed=3)
     assert np.allclose(r1.weights, target, atol=0.05)
     assert np.array_equal(r1.weights, r2.weights)
     assert r1.optimizer == "cma:ParametrizedCMA(popsize=8)"
@@ -80,13 +80,39 @@ def test_nevergrad_registry_optimizers_by_name():
         search(score, 3, budget=12, optimizer="ng:NoSuch")
 
 
+def test_cobyla_starts_at_the_best_probe_and_never_rescores_a_point():
+    """The default search: Cobyla from the best single module. Its first ask is its start, scored as a probe
+    already: told from the cache, so all 8 evaluations left after the 4 probes go to new points."""
+    target = np.array([0.0, 1.0, 0.0, 0.2])
+    seen = []
+
+    def score(W):
+        seen.append(W.copy())
+        return ((W - target) ** 2).sum(axis=1)
+
+    r = search(score, 4, budget=12, l1=0.0, probes=np.eye(4), seed=0)
+    points = np.concatenate(seen)
+    assert r.optimizer == "cobyla:Cobyla" and r.population == 1 and r.start == "best-probe"
+    assert [len(W) for W in seen] == [4] + [1] * 8 and len(r.history) == 12
+    assert len(np.unique(points, axis=0)) == 12  # the start, e_2, is not scored twice
+    steps = points[4:8] - np.eye(4)[1]  # then its simplex: the start plus one step on each weight in turn
+    assert np.allclose(steps, np.diag(np.diag(steps))) and (np.abs(np.diag(steps)) > 0).all()
+    assert r.objective <= 0.04 + 1e-12
+    ngopt = []
+    search(lambda W: ngopt.append(W.copy()) or ((W - target) ** 2).sum(axis=1), 4, budget=12, l1=0.0,
+           probes=np.eye(4), optimizer="ngopt", start="best-probe", seed=0)
+    assert np.array_equal(np.concatenate(ngopt), points)  # NGOpt resolves to the same Cobyla
+    with pytest.raises(LorahubValueError, match="'cobyla' scores one candidate at a time; use population=1"):
+        search(score, 4, budget=12, population=4)
+
+
 def test_l1_and_bounds():
-    r = search(lambda W: np.zeros(len(W)), 3, budget=24, population=8, l1=0.05)
+    r = search(lambda W: np.zeros(len(W)), 3, optimizer="cma", budget=24, population=8, l1=0.05)
     assert r.objective == pytest.approx(0.05 * np.abs(r.weights).mean())
     assert (np.abs(r.weights) <= 1.5).all()
     with pytest.raises(LorahubValueError, match="contain the start w=0"):
         search(lambda W: np.zeros(len(W)), 3, bounds=(0.1, 1.0))
-    with pytest.raises(LorahubValueError, match="unknown optimizer 'adam'. Available: cma, ngopt"):
+    with pytest.raises(LorahubValueError, match="unknown optimizer 'adam'. Available: cma, cobyla, ngopt"):
         search(lambda W: np.zeros(len(W)), 3, optimizer="adam")
 
 
@@ -96,7 +122,7 @@ def test_nan_candidates_score_inf_and_search_goes_on():
         out[W[:, 0] > 0] = np.nan
         return out
 
-    r = search(score, 2, budget=32, population=8, l1=0.0)
+    r = search(score, 2, optimizer="cma", budget=32, population=8, l1=0.0)
     assert math.isfinite(r.objective) and r.weights[0] <= 0
     assert any(math.isinf(h["objective"]) for h in r.history) and len(r.history) == 32
 
@@ -109,14 +135,14 @@ def test_probes_and_start_at_best_probe():
         seen.append(W.copy())
         return ((W - target) ** 2).sum(axis=1)
 
-    r = search(score, 4, budget=12, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
-    assert r.start == "best-probe" and search(score, 4, budget=8, population=8, start="best-probe").start == "zero"
+    r = search(score, 4, optimizer="cma", budget=12, population=8, l1=0.0, probes=np.eye(4), start="best-probe", seed=0)
+    assert r.start == "best-probe" and search(score, 4, optimizer="cma", budget=8, population=8, start="best-probe").start == "zero"
     assert np.array_equal(seen[0], np.eye(4)) and [h.get("probe", False) for h in r.history][:4] == [True] * 4
     first_generation = seen[1]
     assert np.linalg.norm(first_generation.mean(axis=0) - np.eye(4)[1]) < 0.6  # centred on the best probe, not on 0
     assert r.objective <= 0.04 + 1e-12  # never worse than the best probe (e_2 scores 0.04)
     with pytest.raises(LorahubValueError, match="unknown start 'middle'"):
-        search(score, 4, budget=12, population=8, probes=np.eye(4), start="middle")
+        search(score, 4, optimizer="cma", budget=12, population=8, probes=np.eye(4), start="middle")
 
 
 @pytest.mark.parametrize("n", [6, 20])  # nevergrad scales CMA-ES's first step differently below and above 18
@@ -130,7 +156,7 @@ def test_first_generation_spreads_step_around_the_start(n, step):
         return np.abs(W).sum(axis=1)
 
     probes = np.eye(n)
-    search(score, n, budget=200 + n, population=200, l1=0.0, probes=probes, start="best-probe", step=step, seed=1)
+    search(score, n, optimizer="cma", budget=200 + n, population=200, l1=0.0, probes=probes, start="best-probe", step=step, seed=1)
     first = seen[1]  # after the probes; every probe scores 1, so the start is the first, e_1
     spread = (first - probes[0]).std()
     assert spread == pytest.approx(step, rel=0.1)
@@ -144,19 +170,19 @@ def test_probes_are_told_only_when_the_search_starts_at_zero(monkeypatch):
     monkeypatch.setattr(ng.optimizers.base.Optimizer, "tell",
                         lambda self, cand, loss, *a, **k: told.append(loss) or real_tell(self, cand, loss, *a, **k))
     score = lambda W: (W ** 2).sum(axis=1) + 1.0  # noqa: E731
-    search(score, 4, budget=12, population=4, probes=np.eye(4), start="best-probe")
+    search(score, 4, optimizer="cma", budget=12, population=4, probes=np.eye(4), start="best-probe")
     assert len(told) == 8  # the asked candidates only (the budget of 12 counts the 4 probes)
     told.clear()
-    search(score, 4, budget=12, population=4, probes=np.eye(4), start="zero")
+    search(score, 4, optimizer="cma", budget=12, population=4, probes=np.eye(4), start="zero")
     assert len(told) == 4 + 8
 
 
 def test_search_refuses_bad_step_and_single_module_cma():
     score = lambda W: (W ** 2).sum(axis=1)  # noqa: E731
     with pytest.raises(LorahubValueError, match="step must be positive, got 0"):
-        search(score, 4, step=0)
+        search(score, 4, optimizer="cma", step=0)
     with pytest.raises(LorahubValueError, match="CMA-ES needs at least 2 candidate modules, got 1"):
-        search(score, 1)
+        search(score, 1, optimizer="cma")
 
 
 def test_default_population_keeps_five_generations_within_the_budget():
@@ -166,10 +192,10 @@ def test_default_population_keeps_five_generations_within_the_budget():
     assert default_population("cma", 20, budget=40) == 8 and default_population("cma", 20, budget=400) == 12
     assert default_population("cma", 20, budget=6) == 2 and default_population("ngopt", 20, budget=40) == 1
     sizes = []
-    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=None)
+    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, optimizer="cma", budget=40, probes=None)
     assert sizes == [8] * 5
     sizes.clear()  # the 20 probes are counted in the budget: 20 left, 5 generations of 4
-    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, budget=40, probes=np.eye(20))
+    search(lambda W: sizes.append(len(W)) or (W ** 2).sum(axis=1), 20, optimizer="cma", budget=40, probes=np.eye(20))
     assert sizes == [20] + [4] * 5
 
 
@@ -183,8 +209,9 @@ def test_search_config_is_the_one_place_of_the_search_defaults():
 
     cfg = SearchConfig()
     assert (cfg.num_candidates, cfg.budget, cfg.population, cfg.optimizer, cfg.l1, cfg.bounds, cfg.seed,
-            cfg.probe_singles, cfg.start, cfg.step, cfg.max_rows) == (20, 40, None, "cma", 0.05, (-1.5, 1.5), 42,
+            cfg.probe_singles, cfg.start, cfg.step, cfg.max_rows) == (20, 40, None, "cobyla", 0.05, (-1.5, 1.5), 42,
                                                                        None, "best-probe", DEFAULT_STEP, 256)
+    assert (cfg.select, cfg.candidate_order, cfg.loss_scale) == ("auto", "sample", "per-example")
     assert all(f.metadata.get("help") for f in fields(SearchConfig))
     for fn in (search, compose):
         params = inspect.signature(fn).parameters

@@ -98,4 +98,6 @@ def test_bbh_reference_method_uses_the_reference_objective_and_order():
     assert (spec["loss_scale"], spec["candidate_order"], spec["select"], spec["optimizer"], spec["start"]) == (
         "per-example", "sample", "random", "ngopt", "zero")
     assert not spec["probe_singles"] and (spec["num_candidates"], spec["budget"], spec["l1"]) == (20, 40, 0.05)
-    assert "loss_scale" not in METHODS["lorahub-default"].spec  # lorahub's own objective: the default
+    default = METHODS["lorahub-default"].spec  # lorahub's defaults, every one named in the spec
+    assert (default["select"], default["optimizer"], default["start"], default["loss_scale"], default["budget"]) == (
+        "auto", "cobyla", "best-probe", "per-example", 40) and default["probes_in_budget"]

@@ -18,9 +18,10 @@ best-single                 no      the hub module with the lowest few-shot loss
 lorahub-reference           yes     LoraHub as published: 20 random modules in ``random.sample`` order, budget 40,
                                     ``optimizer="ngopt"`` (Cobyla) from w = 0, the reference's objective (loss / number
                                     of examples + 0.05·mean|w|; ``loss_scale="per-example"``, ``candidate_order="sample"``)
-lorahub-default             yes     lorahub's defaults: 20 random modules, the single modules probed first, then CMA-ES
-                                    from the best of them (first step ``DEFAULT_STEP``) with batched evaluation; budget
-                                    40 (``--budget``), the 20 probes included
+lorahub-default             yes     lorahub's defaults: 20 candidates by ``select="auto"`` (format+retrieve on a hub with
+                                    embeddings, else random), the single modules probed in one batch, then Cobyla from
+                                    the best of them (the reference's objective and order); budget 40 (``--budget``),
+                                    the 20 probes included
 lorahub-retrieve            yes     lorahub-default over the 20 modules whose task embeddings are nearest the learning
                                     inputs (``select="retrieve"``; needs the hub's embeddings; not in the defaults)
 lorahub-probe               yes     lorahub-default over the 20 modules of lowest single-module loss (``select="probe"``:
@@ -376,21 +377,22 @@ register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
                       "probe_singles": False, "start": "zero", "select": "random", "candidate_order": "sample",
                       "loss_scale": "per-example"},
                 label="LoraHub-reference (ngopt, as published)"))
-# lorahub-default's spec leaves select / candidate_order / loss_scale out: they are lorahub's defaults (random, store,
-# token-mean), and a spec that changes refuses to mix with the results made before (runner.check_config)
+# lorahub-default: lorahub's defaults, every setting named, so a change of default changes the spec and refuses to mix
+# with the results made before (runner.check_config)
 LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
                         "optimizer": SearchConfig.optimizer, "population": SearchConfig.population, "l1": SearchConfig.l1,
                         "probe_singles": True, "probes_in_budget": True, "start": SearchConfig.start,
-                        "step": SearchConfig.step}
+                        "step": SearchConfig.step, "select": SearchConfig.select,
+                        "candidate_order": SearchConfig.candidate_order, "loss_scale": SearchConfig.loss_scale}
 register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, spec=dict(LORAHUB_DEFAULT_SPEC),
-                label="lorahub-default (CMA-ES from the best single module, batched)"))
+                label="lorahub-default (auto selection, Cobyla from the best single module)"))
 register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
-                label="lorahub-retrieve (nearest modules by task embedding, CMA-ES)"))
+                label="lorahub-retrieve (nearest modules by task embedding, Cobyla)"))
 register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "probe"},
-                label="lorahub-probe (lowest single-module loss, CMA-ES)"))
+                label="lorahub-probe (lowest single-module loss, Cobyla)"))
 register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True,
                 spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
-                label="lorahub-retrieve-probe (lowest loss of the 2k nearest, CMA-ES)"))
+                label="lorahub-retrieve-probe (lowest loss of the 2k nearest, Cobyla)"))
 register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=True,
                 spec={**METHODS["lorahub-reference"].spec, "select": "retrieve"},
                 label="LoraHub-reference over retrieved candidates (selection apart from search)"))
