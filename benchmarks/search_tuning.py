@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lorahub.bench import bbh
-from lorahub.bench.methods import METHODS, Worker, majority_answer
+from lorahub.bench.methods import LORAHUB_DEFAULT_SPEC, METHODS, Worker, majority_answer
 from lorahub.bench.report import top_answer_share
 from lorahub.bigbench import list_tasks, read_task
 from lorahub.files import append_line
@@ -48,6 +48,8 @@ PROBED = {**DEFAULT_0_2, "budget": 40}
 # first steps (one coordinate at a time, +0.5 in candidate order) add the likeliest modules first
 PROBED_COBYLA = {**PROBED, "optimizer": "ngopt", "population": None, "loss_scale": "per-example",
                  "candidate_order": "sample"}
+# (lines of the "+cobyla" variants written before the search cached scored points, 2026-12-02 07:00 UTC, spent one
+# of their 20 evaluations re-scoring Cobyla's start; "default" is format+probe+cobyla with that evaluation back)
 VARIANTS: dict[str, dict] = {
     "reference": dict(REFERENCE),
     "reference+retrieve": {**REFERENCE, "select": "retrieve"},
@@ -60,6 +62,7 @@ VARIANTS: dict[str, dict] = {
     "format+reference": {**REFERENCE, "select": "format+retrieve"},  # the reference's search, most similar first
     "format+probe+cma": {**PROBED, "select": "format+retrieve"},
     "format+probe+cobyla": {**PROBED_COBYLA, "select": "format+retrieve"},
+    "default": dict(LORAHUB_DEFAULT_SPEC),  # lorahub-default since December 2026: auto, 20 probes + Cobyla 20
 }
 FIRST = "reference,format+reference,format+probe+cobyla,format+probe+cma"
 ROW_KEYS = ("em", "loss", "objective", "evals", "compose_seconds", "eval_seconds", "weights", "optimizer", "machine",

@@ -207,7 +207,7 @@ def commands(inp: Inputs) -> dict[str, Command]:
         "compose": Command(
             "compose",
             lambda t: ["compose", "--examples", str(inp.examples), "--modules", *mods, "--base-model", str(inp.base),
-                       "--budget", "8", "--population", "4", "--seed", "1", "--out", str(t / "out"), "--no-progress"],
+                       "--budget", "8", "--population", "4", "--optimizer", "cma", "--seed", "1", "--out", str(t / "out"), "--no-progress"],
             ["out"], compose_snapshot, lambda t: []),
         "hub build": Command(
             "hub build",

@@ -20,7 +20,7 @@ def test_compose_end_to_end_and_export(tiny_llama, llama_modules, tmp_path):
     from peft import PeftModel
 
     model, tok = tiny_llama
-    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=16, population=4,
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=16, population=4, optimizer="cma",
                    progress=False, out_dir=tmp_path / "run")
     assert set(comp.weights) == {p.name for p in llama_modules}
     assert len(comp.history) == 16  # the budget counts one probe per single module, then 12 searched
@@ -61,7 +61,7 @@ def test_predict_uses_merged_weights_and_mask(tiny_llama, llama_modules):
     from lorahub.generate import generate
 
     model, tok = tiny_llama
-    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, progress=False)
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, optimizer="cma", progress=False)
     inputs = [e["input"] for e in EXAMPLES]
     batched = comp.predict(inputs, max_new_tokens=5, batch_size=5)
     merged = comp.merge()
@@ -73,7 +73,7 @@ def test_compose_seq2seq(tiny_t5, t5_modules, tmp_path):
     from peft import PeftModel
 
     model, tok = tiny_t5
-    comp = compose(EXAMPLES, [str(p) for p in t5_modules], (model, tok), budget=12, population=4, progress=False)
+    comp = compose(EXAMPLES, [str(p) for p in t5_modules], (model, tok), budget=12, population=4, optimizer="cma", progress=False)
     out = comp.save(tmp_path / "t5")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_2_SEQ_LM" and cfg["target_modules"] == ["q", "v"]
@@ -91,7 +91,7 @@ def test_compose_seq2seq(tiny_t5, t5_modules, tmp_path):
 
 def test_same_seed_same_weights(tiny_llama, llama_modules):
     model, tok = tiny_llama
-    kw = dict(budget=12, population=4, progress=False, seed=7)
+    kw = dict(budget=12, population=4, optimizer="cma", progress=False, seed=7)
     a = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **kw)
     b = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **kw)
     c = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), **{**kw, "seed": 8})
@@ -107,7 +107,7 @@ def test_compose_recovers_known_weights(tiny_llama, tmp_path, tiny_llama_dir):
     # strong modules, so that a tiny random model's greedy outputs depend on the weights
     llama_modules = [make_module(model, tmp_path / f"strong{i}", seed=20 + i, scale=2.0, base_name=str(tiny_llama_dir))
                      for i in range(4)]
-    comp0 = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, progress=False)
+    comp0 = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, optimizer="cma", progress=False)
     names = comp0.stacked.names
     truth = {n: 0.0 for n in names}
     truth[names[0]], truth[names[2]] = 0.8, 0.5
@@ -116,7 +116,7 @@ def test_compose_recovers_known_weights(tiny_llama, tmp_path, tiny_llama_dir):
     outputs = comp0.predict(prompts, max_new_tokens=3)
     task = [{"input": p, "output": o} for p, o in zip(prompts, outputs) if o.strip()]
     train = task[:6]
-    comp = compose(train, [str(p) for p in llama_modules], (model, tok), budget=124, population=8, progress=False,
+    comp = compose(train, [str(p) for p in llama_modules], (model, tok), budget=124, population=8, optimizer="cma", progress=False,
                    l1=0.0, seed=1)
     with PopulationEvaluator(model, tok, comp.stacked, as_examples(train)) as ev:
         singles = ev.score(torch.eye(len(names))).min().item()
@@ -147,13 +147,13 @@ def test_budget_counts_the_probes(tiny_llama, llama_modules):
     any scoring, naming what does not fit."""
     modules = [str(p) for p in llama_modules]
     with pytest.raises(LorahubValueError, match=r"budget \(4\) counts the 4 single-module probes and must be larger"):
-        compose(EXAMPLES, modules, tiny_llama, budget=4, population=2, progress=False)
+        compose(EXAMPLES, modules, tiny_llama, budget=4, population=2, optimizer="cma", progress=False)
     with pytest.raises(LorahubValueError, match=r"budget \(7\) leaves 3 after the 4 probes, which is smaller than "
                                                 r"the population \(4\)"):
-        compose(EXAMPLES, modules, tiny_llama, budget=7, population=4, progress=False)
+        compose(EXAMPLES, modules, tiny_llama, budget=7, population=4, optimizer="cma", progress=False)
     with pytest.raises(LorahubValueError, match=r"budget \(3\) is smaller than the population \(4\)"):
-        compose(EXAMPLES, modules, tiny_llama, budget=3, population=4, probe_singles=False, progress=False)
-    comp = compose(EXAMPLES, modules, tiny_llama, budget=6, population=2, progress=False)
+        compose(EXAMPLES, modules, tiny_llama, budget=3, population=4, optimizer="cma", probe_singles=False, progress=False)
+    comp = compose(EXAMPLES, modules, tiny_llama, budget=6, population=2, optimizer="cma", progress=False)
     assert len(comp.history) == comp.record["evaluations"] == 6 and comp.record["budget"] == 6
 
 
@@ -161,7 +161,7 @@ def test_dataset_input(tiny_llama, llama_modules):
     import datasets
 
     ds = datasets.Dataset.from_list(EXAMPLES)
-    comp = compose(ds, [str(p) for p in llama_modules], tiny_llama, budget=8, population=4, progress=False)
+    comp = compose(ds, [str(p) for p in llama_modules], tiny_llama, budget=8, population=4, optimizer="cma", progress=False)
     assert comp.record["num_examples"] == len(EXAMPLES)
 
 
@@ -169,7 +169,7 @@ def test_save_merged_model_reloads(tiny_llama, llama_modules, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tok = tiny_llama
-    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, progress=False)
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, optimizer="cma", progress=False)
     out = comp.save(tmp_path / "m", merged=True)
     reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
     batch = encode(tok, as_examples(EXAMPLES), seq2seq=False)
@@ -182,7 +182,7 @@ def test_save_merged_model_reloads(tiny_llama, llama_modules, tmp_path):
 
 def test_existing_foreign_folder_is_refused(tiny_llama, llama_modules, tmp_path):
     model, tok = tiny_llama
-    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, progress=False)
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, optimizer="cma", progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(LorahubValueError, match="holds files lorahub did not write"):
@@ -192,7 +192,7 @@ def test_existing_foreign_folder_is_refused(tiny_llama, llama_modules, tmp_path)
 
 def test_probes_make_result_no_worse_than_best_single(tiny_llama, llama_modules):
     model, tok = tiny_llama
-    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, progress=False)
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=8, population=4, optimizer="cma", progress=False)
     singles = [h["objective"] for h in comp.history if h.get("probe")]
     assert len(singles) == 4 and comp.objective <= min(singles)
     ref = compose(EXAMPLES, [str(p) for p in llama_modules], (model, tok), budget=4, optimizer="ngopt", progress=False)
@@ -206,10 +206,22 @@ def test_compose_refuses_a_foreign_out_dir_before_the_search(tiny_llama, llama_m
     (mine / "thesis.tex").write_text("precious")
     steps = []
     with pytest.raises(LorahubValueError, match="holds files lorahub did not write"):
-        compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=8, population=4, progress=False,
+        compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=8, population=4, optimizer="cma", progress=False,
                 out_dir=mine, on_step=lambda done, best: steps.append(done))
     assert steps == [] and [p.name for p in mine.iterdir()] == ["thesis.tex"]
     assert (mine / "thesis.tex").read_text() == "precious"
     (tmp_path / "file").write_text("")
     with pytest.raises(LorahubValueError, match="is a file"):
         compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=4, progress=False, out_dir=tmp_path / "file")
+
+
+def test_compose_defaults_run_cobyla_from_the_best_single_module(tiny_llama, llama_modules):
+    """compose() with its defaults: auto selection (random here: module folders carry no embeddings), the single
+    modules probed in one batch, then Cobyla one point at a time from the best of them, the budget counting all."""
+    comp = compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=8, progress=False)
+    r = comp.record
+    assert r["optimizer"] == "cobyla:Cobyla" and r["population"] == 1 and r["loss_scale"] == "per-example"
+    assert r["selection"]["selector"] == "auto" and r["selection"]["ran"] == "random"
+    probes = [h for h in r["history"] if h.get("probe")]
+    assert len(probes) == len(llama_modules) and r["evaluations"] == 8 and r["start"] == "best-probe"
+    assert comp.loss <= min(h["loss"] for h in probes) + 1e-6

@@ -133,8 +133,9 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert default["evals"] == 8 and default["probe_singles"]  # the budget: the 4 single modules probed, 4 searched
     assert len(ref["weights"]) == 4 and best["evals"] == 4 and list(best["weights"].values()) == [1.0]
     # the reference's objective and draw order; the selection is in every lorahub row
-    assert (ref["loss_scale"], ref["candidate_order"], default["loss_scale"]) == ("per-example", "sample", "token-mean")
-    assert ref["selection"]["selector"] == default["selection"]["selector"] == "random"
+    assert (ref["loss_scale"], ref["candidate_order"], default["loss_scale"]) == ("per-example", "sample", "per-example")
+    assert ref["selection"]["selector"] == "random" and default["selection"]["selector"] == "auto"
+    assert default["selection"]["ran"] == "random" and default["optimizer"] == "cobyla:Cobyla"  # folders: no embeddings
     assert list(ref["weights"]) == ref["selection"]["modules"] and ref["objective"] < ref["loss"]
     # majority: the learning examples' most common answer to every question, scored against the test targets
     task = bbh.load_task("alpha", tiny_bbh, limit=3)
@@ -186,6 +187,31 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert main(_argv(out, tiny_bbh, tiny_llama_dir, llama_modules[:3], "--methods", "best-single")) == 2
     assert "'best-single' already has results with other settings (hub:" in capsys.readouterr().err
     assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_reuse_from_copies_hub_independent_rows(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path, capsys):
+    """--reuse-from: the rows of methods that do not use the hub come from the earlier run, as they were; the
+    hub's methods run; a different protocol is refused before anything is written."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(_argv(first, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "zero-shot,best-single")) == 0
+    old = {(r["task"], r["method"]): r for r in read_results(first / "results.jsonl")}
+    capsys.readouterr()
+    argv = _argv(second, tiny_bbh, tiny_llama_dir, llama_modules[:3], "--methods", "zero-shot,best-single",
+                 "--reuse-from", str(first))
+    assert main(argv) == 0
+    assert "2 rows reused from" in capsys.readouterr().out
+    rows = read_results(second / "results.jsonl")
+    reused = [r for r in rows if r.get("reused_from")]
+    assert sorted(r["method"] for r in rows) == ["best-single"] * 2 + ["zero-shot"] * 2
+    assert {r["method"] for r in reused} == {"zero-shot"}  # best-single uses the hub (another one here): rerun
+    for r in reused:
+        assert {k: v for k, v in r.items() if k != "reused_from"} == old[(r["task"], "zero-shot")]
+    assert main(argv) == 0 and len(read_results(second / "results.jsonl")) == 4  # nothing copied twice
+    third = tmp_path / "third"
+    assert main(_argv(third, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "zero-shot", "--limit", "2",
+                      "--reuse-from", str(first))) == 2
+    assert "a different protocol (limit: 3 vs 2)" in capsys.readouterr().err
+    assert not (third / "results.jsonl").exists()
 
 
 def test_ray_results_equal_in_process(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path):

@@ -26,7 +26,7 @@ def test_cli_compose_writes_adapter(tmp_path, hub, tiny_llama_dir, capsys):
     ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     out = tmp_path / "adapter"
     code = main(["compose", "--examples", str(ex), "--eval-examples", str(ex), "--hub", str(hub), "--base-model",
-                 str(tiny_llama_dir), "--budget", "8", "--population", "4", "--out", str(out), "--no-progress"])
+                 str(tiny_llama_dir), "--budget", "8", "--population", "4", "--optimizer", "cma", "--out", str(out), "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
     assert "weights:" in text and "held-out exact match (5 examples)" in text
@@ -40,7 +40,7 @@ def test_cli_yaml_config_and_flag_override(tmp_path, hub, tiny_llama_dir):
     ex = tmp_path / "ex.jsonl"
     ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"examples: {ex}\nhub: {hub}\nbase_model: {tiny_llama_dir}\nbudget: 8\npopulation: 4\nprogress: false\n")
+    cfg.write_text(f"examples: {ex}\nhub: {hub}\nbase_model: {tiny_llama_dir}\nbudget: 8\npopulation: 4\noptimizer: cma\nprogress: false\n")
     assert main(["compose", "--config", str(cfg), "--out", str(tmp_path / "o"), "--seed", "3"]) == 0
     assert json.loads((tmp_path / "o" / "lorahub.json").read_text())["seed"] == 3
     cfg.write_text("examples: x\nbudgett: 4\n")
@@ -56,7 +56,7 @@ def test_cli_errors_are_clear_and_write_nothing(tmp_path, hub, tiny_llama_dir, c
                  "--out", str(out), "--no-progress"]) == 2
     assert "ex.jsonl:1: 'output' is empty" in capsys.readouterr().err
     assert not out.exists()
-    assert main(["compose", "--examples", str(ex), "--out", str(out), "--budget", "4", "--population", "8"]) == 2
+    assert main(["compose", "--examples", str(ex), "--out", str(out), "--budget", "4", "--population", "8", "--optimizer", "cma"]) == 2
     assert "`budget` (4) is smaller than `population` (8)" in capsys.readouterr().err
 
 
@@ -114,7 +114,7 @@ def test_compose_progress_counts_probes_and_zero(tmp_path, llama_modules, tiny_l
     """One display: the bar counts w=0, the 4 single-module probes and the budget; off a terminal, plain lines."""
     from lorahub import compose
 
-    compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=12, population=4, progress=True)
+    compose(EXAMPLES, [str(p) for p in llama_modules], tiny_llama, budget=12, population=4, optimizer="cma", progress=True)
     captured = capsys.readouterr()
     assert "compose: 13/13 eval" in captured.err and "\r" not in captured.err and captured.out == ""
 

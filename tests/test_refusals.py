@@ -73,7 +73,7 @@ def test_compose_max_length_reaches_the_evaluator(tiny, tmp_path, caplog):
     mods = [make_module(model, tmp_path / f"m{i}", seed=i) for i in range(2)]
     examples = EXAMPLES + [{"input": "Q: " + "blue " * 30 + "?\nA:", "output": "yes"}]
     with caplog.at_level(logging.WARNING, logger="lorahub"):
-        comp = compose(examples, [str(m) for m in mods], (model, tok), budget=4, population=2, progress=False,
+        comp = compose(examples, [str(m) for m in mods], (model, tok), budget=4, population=2, optimizer="cma", progress=False,
                        max_length=24)
     assert comp.record["max_length"] == 24
     assert any("task_examples[5]" in w and "24-token limit" in w for w in _warnings(caplog))
@@ -193,7 +193,7 @@ def test_full_or_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     out = tmp_path / "composed"
     monkeypatch.setattr(lorahub.export, "write_adapter_files", full)
     assert main(["compose", "--examples", str(ex), "--modules", *map(str, llama_modules), "--base-model",
-                 str(tiny_llama_dir), "--budget", "6", "--population", "2", "--out", str(out), "--no-progress"]) == 2
+                 str(tiny_llama_dir), "--budget", "6", "--population", "2", "--optimizer", "cma", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err  # (transformers' own "Loading weights" bar may come before it)
     assert err.endswith("\n") and err.count("lorahub: error") == 1
     assert err.splitlines()[-1] == (f"lorahub: error: cannot write {out}: No space left on device (ENOSPC); nothing "

@@ -148,19 +148,20 @@ def test_auto_retrieves_where_it_can_and_draws_where_it_cannot(embedded_hub, sto
 
 def test_compose_records_the_selection(embedded_hub, tiny_llama, tmp_path):
     pair = tiny_llama
-    settings = dict(num_candidates=2, budget=4, population=2, progress=False, seed=3)
+    settings = dict(num_candidates=2, budget=4, population=2, optimizer="cma", progress=False, seed=3)
     comp = compose(examples_of("colors"), embedded_hub, pair, select="retrieve", **settings)
     sel = comp.record["selection"]
     assert sel["selector"] == "retrieve" and sel["modules"][0] == "colors" and len(sel["scores"]["similarity"]) == 4
-    assert comp.record["modules"] == [n for n in embedded_hub.names if n in sel["modules"]]  # store order (default)
+    assert comp.record["modules"] == sel["modules"]  # the selector's order (default), most similar first
     again = compose(examples_of("colors"), embedded_hub, pair, select="retrieve", **settings)
     assert again.record["selection"] == {**sel, "seconds": again.record["selection"]["seconds"]}
     assert again.weights == comp.weights  # same seed: same selection, same weights
-    sampled = compose(examples_of("colors"), embedded_hub, pair, select="retrieve", candidate_order="sample", **settings)
-    assert sampled.record["modules"] == sel["modules"] and sampled.record["candidate_order"] == "sample"
+    stored = compose(examples_of("colors"), embedded_hub, pair, select="retrieve", candidate_order="store", **settings)
+    assert stored.record["modules"] == [n for n in embedded_hub.names if n in sel["modules"]]
+    assert stored.record["candidate_order"] == "store"
     saved = json.loads((comp.save(tmp_path / "out") / "lorahub.json").read_text())
     assert saved["selection"]["scores"]["similarity"] == pytest.approx(sel["scores"]["similarity"])
-    assert saved["loss_scale"] == "token-mean" and saved["candidate_order"] == "store"
+    assert saved["loss_scale"] == "per-example" and saved["candidate_order"] == "sample"
 
     both = compose(examples_of("colors"), embedded_hub, pair, select="retrieve+probe", num_candidates=1,
                    budget=2, population=2, optimizer="ngopt", progress=False)
@@ -194,4 +195,4 @@ def test_cli_flags(capsys):
         main(["compose", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--select" in text and "--candidate-order" in text and "--loss-scale" in text
-    assert "(default: random)" in text and "(default: token-mean)" in text
+    assert "(default: auto)" in text and "(default: per-example)" in text and "(default: cobyla)" in text

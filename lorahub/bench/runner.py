@@ -56,6 +56,9 @@ class BBHConfig:
         threads: torch CPU threads per process (None: torch's default).
         ray, ray_address, ray_actors: run the jobs on Ray actors (each loads the model and hub once).
         progress: progress bars (per job and overall).
+        reuse_from: an earlier results folder of the same protocol whose rows of hub-independent methods
+            (zero-shot, icl, majority, ...) with the same settings are copied rather than rerun: a new hub
+            changes nothing for them.
     """
 
     out: str = field(metadata={"help": "results folder; a rerun with the same folder skips finished jobs"})
@@ -79,6 +82,9 @@ class BBHConfig:
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local cluster); implies --ray"})
     ray_actors: int | None = field(default=None, metadata={"help": "Ray actors (default: one per GPU, else per CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    reuse_from: str | None = field(default=None, metadata={
+        "help": "an earlier --out folder of the same protocol: its rows of methods that do not use the hub (same "
+                "settings) are copied, marked reused_from, instead of rerun"})
 
     def __post_init__(self) -> None:
         for name in ("budget", "shots", "batch_size"):
@@ -141,6 +147,24 @@ def check_config(out: Path, protocol: dict[str, Any], specs: dict[str, dict[str,
     merged = {**known, **specs}
     atomic_write_json(path, {"fingerprint": _hash(protocol), "protocol": protocol, "methods": merged})
     return merged
+
+
+def reusable_rows(source: Path, protocol: dict[str, Any], specs: dict[str, dict[str, Any]], done: set[Job],
+                  wanted: set[Job]) -> list[dict[str, Any]]:
+    """Rows of ``source`` (an earlier ``lorahub bbh --out``) that this run can take as its own: the same protocol
+    (data, split, limit, base model, dtype), a method that does not use the hub with the same spec, a job this
+    run plans and has not done. Each is marked ``reused_from``; its ``config`` and ``spec`` hashes stay equal."""
+    if not (source / CONFIG).is_file():
+        raise LorahubValueError(f"--reuse-from {source}: no {CONFIG} there; give the --out folder of an earlier run")
+    saved = read_json(source / CONFIG, "bbh run config")
+    if saved.get("protocol") != protocol:
+        diff = [f"{k}: {saved['protocol'].get(k)!r} vs {protocol.get(k)!r}" for k in sorted(protocol)
+                if saved.get("protocol", {}).get(k) != protocol.get(k)]
+        raise LorahubValueError(f"--reuse-from {source}: a different protocol ({'; '.join(diff)}); its rows are not "
+                                "this run's")
+    same = {m for m, spec in specs.items() if "hub" not in spec and saved.get("methods", {}).get(m) == spec}
+    return [{**r, "reused_from": str(source)} for r in read_results(source / RESULTS, repair=False)
+            if r["method"] in same and job_key(r) in wanted and job_key(r) not in done]
 
 
 def read_results(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
@@ -258,6 +282,12 @@ def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[di
         all_specs = check_config(out, p.protocol, specs)
         fingerprint = _hash(p.protocol)
         done = {job_key(r) for r in read_results(out / RESULTS)}
+        if cfg.reuse_from:
+            reused = reusable_rows(Path(cfg.reuse_from), p.protocol, specs, done, set(p.jobs))
+            for row in reused:
+                append_result(out / RESULTS, row)
+            done |= {job_key(r) for r in reused}
+            log(f"bbh: {len(reused)} rows reused from {cfg.reuse_from} (methods that do not use the hub, same protocol)")
         todo = [j for j in p.jobs if j not in done]
         log(f"bbh: {len(p.tasks)} tasks x {len(p.methods)} methods = {len(p.jobs)} jobs; "
             f"{len(p.jobs) - len(todo)} already in {out / RESULTS}, {len(todo)} to run "
