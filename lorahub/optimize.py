@@ -130,6 +130,12 @@ def point_key(values: np.ndarray) -> bytes:
     return np.asarray(values, dtype=np.float64).tobytes()
 
 
+def search_uses_seed(optimizer: str) -> bool:
+    """Whether ``optimizer``'s path depends on its seed. Cobyla's does not (it is deterministic from its start);
+    CMA-ES samples, and NGOpt or a registry name may pick a sampling optimizer, so they count as seeded."""
+    return optimizer != "cobyla"
+
+
 def search_evaluations(budget: int, num_probes: int) -> int:
     """The evaluations left to the optimizer once the probes are scored: ``budget`` counts every evaluation of a
     search, the probes included, so a budget means the same cost with or without them."""

@@ -180,6 +180,12 @@ def has_embeddings(store: ModuleStore) -> bool:
     return store.manifest_path is not None and bool(read_manifest(store.manifest_path).get("embeddings"))
 
 
+def selection_uses_seed(select: str, store: ModuleStore) -> bool:
+    """Whether selector ``select`` draws with its seed on ``store``: only ``random`` does (and ``auto`` where it
+    falls back to random); retrieval and probing rank by scores, so the same examples give the same candidates."""
+    return select == "random" or (select == "auto" and not has_embeddings(store))
+
+
 def select_auto(store: ModuleStore, k: int, seed: int, task: SelectionTask) -> Selection:
     """``format+retrieve`` where the library can retrieve (:func:`has_embeddings`), else LoraHub's ``random`` draw.
     ``info["ran"]`` names the selector that ran, as the optimizer that ran is recorded."""

@@ -214,6 +214,31 @@ def test_reuse_from_copies_hub_independent_rows(tiny_bbh, tiny_llama_dir, llama_
     assert not (third / "results.jsonl").exists()
 
 
+def test_seeds_that_change_nothing_are_copied_not_rerun(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path, capsys):
+    """lorahub-probe (candidates by probe loss, Cobyla) uses no randomness: seed 1 runs, seeds 2-3 copy its rows,
+    and a run of seed 3 alone computes the same result; the reference (random draw) runs every seed."""
+    out, alone = tmp_path / "copied", tmp_path / "alone"
+    argv = _argv(out, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "lorahub-probe,lorahub-reference",
+                 "--seeds", "1,2,3", "--tasks", "alpha")
+    assert main(argv) == 0
+    assert "lorahub-probe: the seed changes nothing here" in capsys.readouterr().out
+    rows = {(r["method"], r["seed"]): r for r in read_results(out / "results.jsonl")}
+    assert len(rows) == 6 and all(rows[("lorahub-reference", s)].get("same_as_seed") is None for s in (1, 2, 3))
+    assert rows[("lorahub-probe", 1)].get("same_as_seed") is None
+    for s in (2, 3):
+        assert rows[("lorahub-probe", s)]["same_as_seed"] == 1
+        assert rows[("lorahub-probe", s)]["weights"] == rows[("lorahub-probe", 1)]["weights"]
+    assert main(_argv(alone, tiny_bbh, tiny_llama_dir, llama_modules, "--methods", "lorahub-probe", "--seeds", "3",
+                      "--tasks", "alpha")) == 0
+    real = read_results(alone / "results.jsonl")[0]
+    assert real["weights"] == rows[("lorahub-probe", 3)]["weights"]
+    assert real["predictions"] == rows[("lorahub-probe", 3)]["predictions"]
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)  # a copy lost in a crash is made again
+    (out / "results.jsonl").write_text("".join(l for l in lines if '"same_as_seed": 1' not in l or '"seed": 2,' not in l))
+    assert len(read_results(out / "results.jsonl")) == 5
+    assert main(argv) == 0 and len(read_results(out / "results.jsonl")) == 6
+
+
 def test_ray_results_equal_in_process(tiny_bbh, tiny_llama_dir, llama_modules, tmp_path):
     import ray  # noqa: F401  (in the test extra: this test must run in CI, never skip)
     common = dict(tasks=None, methods=["zero-shot", "best-single", "lorahub-default"], seeds=[1, 2], limit=3,

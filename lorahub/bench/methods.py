@@ -81,6 +81,9 @@ class Method:
         uses_hub: needs the module hub (its fingerprint joins ``spec``).
         spec: the method's settings; results made with another spec are never mixed in.
         label: the row label in summary.md.
+        seed_used: ``(spec, hub store) -> bool``, for a seeded method whose seed may change nothing: False means
+            every seed gives the same result, so a run computes the first seed and copies its row to the others
+            (None: the seed is always used).
     """
 
     name: str
@@ -89,6 +92,7 @@ class Method:
     uses_hub: bool = False
     spec: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    seed_used: Callable[[dict[str, Any], Any], bool] | None = field(default=None, repr=False)
 
 
 METHODS: dict[str, Method] = {}
@@ -306,6 +310,14 @@ def _lorahub(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> P
                      "candidate_order": r["candidate_order"], "selection": r["selection"], "search_seconds": r["seconds"]})
 
 
+def _lorahub_seed_used(spec: dict, store: Any) -> bool:
+    """A static composition uses its seed only to draw candidates at random or in a sampling optimizer."""
+    from ..optimize import search_uses_seed
+    from ..select import selection_uses_seed
+
+    return selection_uses_seed(spec.get("select", "random"), store) or search_uses_seed(spec["optimizer"])
+
+
 def _lorahub_routed(worker: Worker, task: TaskSplit, seed: int | None, spec: dict) -> Prepared:
     """Routed composition: the candidates lorahub-* draw for ``seed``, with top-k routers learnt on the examples."""
     from ..api import compose
@@ -372,7 +384,7 @@ register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
 # the paper's settings, fixed on purpose: its draw order and its objective (loss / number of examples + l1), tested
 # against sail-sg/lorahub's algorithm.py (tests/test_reference.py)
-register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True,
+register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
                 spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
                       "probe_singles": False, "start": "zero", "select": "random", "candidate_order": "sample",
                       "loss_scale": "per-example"},
@@ -384,16 +396,16 @@ LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget":
                         "probe_singles": True, "probes_in_budget": True, "start": SearchConfig.start,
                         "step": SearchConfig.step, "select": SearchConfig.select,
                         "candidate_order": SearchConfig.candidate_order, "loss_scale": SearchConfig.loss_scale}
-register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, spec=dict(LORAHUB_DEFAULT_SPEC),
+register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec=dict(LORAHUB_DEFAULT_SPEC),
                 label="lorahub-default (auto selection, Cobyla from the best single module)"))
-register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
+register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
                 label="lorahub-retrieve (nearest modules by task embedding, Cobyla)"))
-register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, spec={**LORAHUB_DEFAULT_SPEC, "select": "probe"},
+register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec={**LORAHUB_DEFAULT_SPEC, "select": "probe"},
                 label="lorahub-probe (lowest single-module loss, Cobyla)"))
-register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True,
+register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
                 spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
                 label="lorahub-retrieve-probe (lowest loss of the 2k nearest, Cobyla)"))
-register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=True,
+register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
                 spec={**METHODS["lorahub-reference"].spec, "select": "retrieve"},
                 label="LoraHub-reference over retrieved candidates (selection apart from search)"))
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,

@@ -167,6 +167,22 @@ def reusable_rows(source: Path, protocol: dict[str, Any], specs: dict[str, dict[
             if r["method"] in same and job_key(r) in wanted and job_key(r) not in done]
 
 
+def copy_seed_rows(path: Path, rows: list[dict[str, Any]], p: "Plan", done: set[Job]) -> list[dict[str, Any]]:
+    """For the methods of ``p.copied``: append, for each of ``rows`` of the first seed, a copy for every other
+    seed not yet in ``done`` (marked ``same_as_seed``); returns the copies. Run after each saved row and at the
+    start (a copy lost in a crash is made again)."""
+    copies = []
+    for row in rows:
+        targets = p.copied.get(row["method"], [])
+        if targets and row["seed"] not in targets and row.get("same_as_seed") is None and row["task"] in p.tasks:
+            for seed in targets:
+                if (row["task"], row["method"], seed) not in done:
+                    copy = {**row, "seed": seed, "same_as_seed": row["seed"]}
+                    append_result(path, copy)
+                    copies.append(copy)
+    return copies
+
+
 def read_results(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
     """The finished jobs; a partial last line (a crash during the write) is skipped, and with ``repair``
     cut off the file (never while another process may be appending: pass ``repair=False`` then)."""
@@ -212,6 +228,7 @@ class Plan:
     base_model: str
     device: str
     store: Any = None  # the hub as fingerprinted, handed to the workers (a hub being built may grow meanwhile)
+    copied: dict[str, list[int]] = field(default_factory=dict)  # method -> seeds whose rows copy the first seed's
 
 
 def resolve_methods(cfg: BBHConfig, hub_store: Callable[[], Any]) -> dict[str, Method]:
@@ -251,13 +268,17 @@ def plan(cfg: BBHConfig, device: str) -> Plan:
     base = base or DEFAULT_BASE_MODEL
     names = list(dict.fromkeys(cfg.tasks)) if cfg.tasks else bbh.task_names(cfg.data_dir)
     tasks = {t: bbh.load_task(t, cfg.data_dir, shots=cfg.shots, seed=cfg.split_seed, limit=cfg.limit) for t in names}
-    jobs = [(t, name, seed) for t in names for name, m in methods.items() for seed in (cfg.seeds if m.seeded else [None])]
+    # a seeded method whose seed changes nothing here runs its first seed only; the other seeds' rows are copies
+    copied = {name: list(cfg.seeds[1:]) for name, m in methods.items()
+              if m.seeded and m.seed_used is not None and len(cfg.seeds) > 1 and not m.seed_used(m.spec, hub_store())}
+    jobs = [(t, name, seed) for t in names for name, m in methods.items()
+            for seed in (cfg.seeds[:1] if name in copied else cfg.seeds if m.seeded else [None])]
     protocol = {
         "benchmark": "bbh", "protocol_version": bbh.PROTOCOL_VERSION, "data_sha256": bbh.data_fingerprint(cfg.data_dir),
         "shots": cfg.shots, "split_seed": cfg.split_seed, "limit": cfg.limit, "base_model": base,
         "dtype": str(default_dtype(torch.device(device))).replace("torch.", ""),
     }
-    return Plan(tasks, methods, jobs, protocol, base, device, store[0] if store else None)
+    return Plan(tasks, methods, jobs, protocol, base, device, store[0] if store else None, copied)
 
 
 def run_bbh(cfg: BBHConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -288,7 +309,11 @@ def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[di
                 append_result(out / RESULTS, row)
             done |= {job_key(r) for r in reused}
             log(f"bbh: {len(reused)} rows reused from {cfg.reuse_from} (methods that do not use the hub, same protocol)")
+        done |= {job_key(r) for r in copy_seed_rows(out / RESULTS, read_results(out / RESULTS), p, done)}
         todo = [j for j in p.jobs if j not in done]
+        if p.copied:
+            log(f"bbh: {', '.join(p.copied)}: the seed changes nothing here (deterministic selection and search), so "
+                f"seed {cfg.seeds[0]} runs and seeds {', '.join(map(str, cfg.seeds[1:]))} copy its rows")
         log(f"bbh: {len(p.tasks)} tasks x {len(p.methods)} methods = {len(p.jobs)} jobs; "
             f"{len(p.jobs) - len(todo)} already in {out / RESULTS}, {len(todo)} to run "
             f"({'ray' if ray_ctx else 'in process'}, device {device}, base {p.base_model})")
@@ -296,6 +321,7 @@ def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[di
         def save(row: dict[str, Any]) -> None:
             row = {**row, "config": fingerprint, "spec": _hash(specs[row["method"]])}
             append_result(out / RESULTS, row)
+            done.update(job_key(r) for r in copy_seed_rows(out / RESULTS, [row], p, done))
 
         if todo:
             worker_args = dict(base_model=p.base_model, hub=p.store or cfg.hub, device=device, threads=cfg.threads,
