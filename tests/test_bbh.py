@@ -154,7 +154,7 @@ def test_run_outputs_resume_and_refusals(tiny_bbh, tiny_llama_dir, llama_modules
     assert "eval examples/s" in summary and "compose evals/s" in summary and "| alpha | 3 |" in summary
     assert "| Majority answer of the 5 examples (no model) |  |" in summary and "top answer %" in summary
     job_h = sum(r["compose_seconds"] + r["eval_seconds"] for r in rows) / 3600
-    assert f"Job time, summed over the {len(rows)} finished jobs: {job_h:.2f} h" in summary
+    assert f"Job time, summed over the {len(rows)} finished jobs that ran: {job_h:.2f} h" in summary
     assert f"Machines: {rows[0]['machine']}." in summary
     pairs = [(by[(t, "lorahub-default", s)]["loss"], by[(t, "lorahub-reference", s)]["loss"])
              for t in ("alpha", "beta") for s in (1, 2)]
@@ -236,6 +236,10 @@ def test_seeds_that_change_nothing_are_copied_not_rerun(tiny_bbh, tiny_llama_dir
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)  # a copy lost in a crash is made again
     (out / "results.jsonl").write_text("".join(l for l in lines if '"same_as_seed": 1' not in l or '"seed": 2,' not in l))
     assert len(read_results(out / "results.jsonl")) == 5
+    summary = (out / "summary.md").read_text()  # the copies cost nothing: out of the job time, in every table
+    assert "4 finished jobs that ran (2 more rows are copies of a seed that changes nothing)" in summary
+    probe = rows[("lorahub-probe", 1)]
+    assert f"| {probe['compose_seconds']:.1f} | {probe['compose_seconds']:.1f} | {probe['eval_seconds']:.1f} |" in summary
     assert main(argv) == 0 and len(read_results(out / "results.jsonl")) == 6
 
 

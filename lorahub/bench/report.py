@@ -56,13 +56,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rs:
             per_task[r["task"]].append(r["em"])
         seeds = sorted({r["seed"] for r in rs}, key=lambda s: (s is None, s))
-        n_test, eval_s = sum(r["n_test"] for r in rs), sum(r["eval_seconds"] for r in rs)
-        evals, compose_s = sum(r["evals"] for r in rs), sum(r["compose_seconds"] for r in rs)
+        ran = [r for r in rs if r.get("same_as_seed") is None]  # a copy for another seed cost nothing
+        n_test, eval_s = sum(r["n_test"] for r in ran), sum(r["eval_seconds"] for r in ran)
+        evals, compose_s = sum(r["evals"] for r in ran), sum(r["compose_seconds"] for r in ran)
         common = {
             "method": method, "label": _label(method), "tasks": len(per_task),
             "seeds": [s for s in seeds if s is not None],
             "tokens": statistics.mean(r["tokens_per_example"] for r in rs),
-            "compose_seconds": compose_s, "eval_seconds": eval_s,
+            "compose_seconds": compose_s, "eval_seconds": eval_s, "jobs_run": len(ran),
             "examples_per_second": n_test / eval_s if eval_s else None,
             "evals_per_second": evals / compose_s if evals and compose_s else None,
             "top_answer": statistics.mean(top_answer_share(r["predictions"]) for r in rs)
@@ -186,7 +187,9 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
         "mean over the `tasks` column's tasks. Seeded methods: *avg* = mean over seeds, *best* = best seed per "
         "task. Tokens = mean prompt tokens per test example. *Top answer* = how often a job gave its most common "
         "answer, % of its test questions (100: one answer to every question), averaged over jobs. Seconds are "
-        "summed over the method's jobs; compose = few-shot search or scoring, eval = greedy generation on the test set.",
+        "summed over the method's jobs that ran (a row copied to another seed, `same_as_seed`, cost nothing); "
+        "compose = few-shot search or scoring (selection included), eval = greedy generation on the test set; "
+        "compose s / job = compose s ÷ jobs run.",
         "",
         f"Tasks with every method and seed finished: {len(complete)} (BBH has 27); started: {len(started)}.",
         "",
@@ -194,18 +197,21 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
            "finished; the table below averages over those tasks only, so that the rows compare on the same "
            "tasks. The per-task table shows every finished job.", ""] if partial else []),
         markdown_table(
-            ["method", "", "exact match", "tasks", "seeds", "top answer %", "tokens / example", "compose s", "eval s",
-             "eval examples/s", "compose evals/s"],
+            ["method", "", "exact match", "tasks", "seeds", "top answer %", "tokens / example", "compose s",
+             "compose s / job", "eval s", "eval examples/s", "compose evals/s"],
             [[t["label"], t["kind"], f"{t['em']:.1f}", t["tasks"], ",".join(map(str, t["seeds"])) or "–",
-              _f(t["top_answer"]), f"{t['tokens']:.0f}", f"{t['compose_seconds']:.1f}", f"{t['eval_seconds']:.1f}",
+              _f(t["top_answer"]), f"{t['tokens']:.0f}", f"{t['compose_seconds']:.1f}",
+              _f(t["compose_seconds"] / t["jobs_run"] if t["jobs_run"] else None), f"{t['eval_seconds']:.1f}",
               _f(t["examples_per_second"]), _f(t["evals_per_second"], "{:.2f}")] for t in table],
-            ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:"],
+            ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"],
         ),
     ]
-    compose_h = sum(r["compose_seconds"] for r in rows) / 3600
-    eval_h = sum(r["eval_seconds"] for r in rows) / 3600
-    machines = sorted({r.get("machine") or "not recorded" for r in rows})
-    lines += ["", f"Job time, summed over the {len(rows)} finished jobs: {compose_h + eval_h:.2f} h (compose "
+    ran = [r for r in rows if r.get("same_as_seed") is None]
+    compose_h = sum(r["compose_seconds"] for r in ran) / 3600
+    eval_h = sum(r["eval_seconds"] for r in ran) / 3600
+    machines = sorted({r.get("machine") or "not recorded" for r in ran})
+    copied = f" ({len(rows) - len(ran)} more rows are copies of a seed that changes nothing)" if len(ran) < len(rows) else ""
+    lines += ["", f"Job time, summed over the {len(ran)} finished jobs that ran{copied}: {compose_h + eval_h:.2f} h (compose "
               f"{compose_h:.2f} h, eval {eval_h:.2f} h; loading the model and hub not included). Machines: "
               + "; ".join(machines) + "."]
     lines += search_comparison(rows)
