@@ -36,6 +36,24 @@ def test_cli_compose_writes_adapter(tmp_path, hub, tiny_llama_dir, capsys):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
 
+def test_cli_compose_defaults_print_the_weights_that_count(tmp_path, hub, tiny_llama_dir, capsys):
+    """The defaults (auto selection, Cobyla): the selector that ran is named, zero weights are summed up in one line."""
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    out = tmp_path / "adapter"
+    assert main(["compose", "--examples", str(ex), "--hub", str(hub), "--base-model", str(tiny_llama_dir),
+                 "--budget", "8", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    rec = json.loads((out / "lorahub.json").read_text())
+    assert "optimizer cobyla:Cobyla" in text and "candidates: 4 by auto (random)" in text
+    nonzero = {n: w for n, w in rec["weights"].items() if w != 0}
+    shown = [line.split()[-1] for line in text.split("weights:\n")[1].splitlines() if line.startswith("  +")
+             or line.startswith("  -")]
+    assert sorted(shown) == sorted(nonzero)
+    zero = len(rec["weights"]) - len(nonzero)
+    assert (f"(the other {zero} candidates: weight 0" in text) == (zero > 0)
+
+
 def test_cli_yaml_config_and_flag_override(tmp_path, hub, tiny_llama_dir):
     ex = tmp_path / "ex.jsonl"
     ex.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))

@@ -57,12 +57,16 @@ def cmd_compose(cfg: ComposeConfig, *, command: str) -> int:
         else:
             print(f"base model {r['base_model']}  optimizer {r['optimizer']}  {r['evaluations']} evaluations in {r['seconds']:.1f} s")
             sel = r["selection"]
-            print(f"candidates: {len(r['modules'])} by {sel['selector']} ({sel['evaluations']} evaluations, "
+            ran = f" ({sel['ran']})" if sel.get("ran") else ""
+            print(f"candidates: {len(r['modules'])} by {sel['selector']}{ran} ({sel['evaluations']} evaluations, "
                   f"{sel['seconds']:.1f} s), {r['candidate_order']} order; objective loss scale {r['loss_scale']}")
             print(f"few-shot loss: w=0 {r['zero_weight_loss']:.4f} -> composed {result.loss:.4f}")
             print("weights:")
-            for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
+            nonzero = sorted(((n, w) for n, w in result.weights.items() if w != 0), key=lambda kv: -abs(kv[1]))
+            for name, w in nonzero:
                 print(f"  {w:+.4f}  {name}")
+            if len(nonzero) < len(result.weights):
+                print(f"  (the other {len(result.weights) - len(nonzero)} candidates: weight 0; all in lorahub.json)")
         if held_out is not None:
             inputs, refs = [e.input for e in held_out], [e.output for e in held_out]
             before = exact_match(base_predictions(result, inputs), refs)
