@@ -64,10 +64,12 @@ cat >examples.jsonl <<'EOF'
 {"input": "Today I cook. Yesterday I ", "output": "cooked"}
 {"input": "Today I paint. Yesterday I ", "output": "painted"}
 EOF
-"$LORAHUB" compose --examples examples.jsonl --budget 8 --population 2 --num-candidates 4 --no-progress --out OUT
+"$LORAHUB" compose --examples examples.jsonl --budget 8 --num-candidates 4 --no-progress --out OUT
 for f in adapter_config.json adapter_model.safetensors lorahub.json README.md; do
     [ -s "OUT/$f" ] || { echo "compose wrote no OUT/$f" >&2; exit 1; }
 done
+# the default selection found the hub's embeddings and the embedder in the installed packages
+grep -q '"ran": "format+retrieve"' OUT/lorahub.json || { echo "compose did not select by retrieval" >&2; exit 1; }
 
 step "lorahub bbh (boolean_expressions, zero-shot, 2 test examples; data from the package)"
 "$LORAHUB" bbh --limit 2 --tasks boolean_expressions --methods zero-shot --seeds 1 --out OUT2 --no-progress
