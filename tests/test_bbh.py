@@ -356,6 +356,15 @@ def test_partial_run_report_compares_on_complete_tasks_only(tmp_path, capsys):
     assert f"| Zero-shot |  | {zs:.1f} | 2 |" in summary
     assert f"| avg | {avg:.1f} | 2 | 1,2 |" in summary and f"| best | {best:.1f} | 2 | 1,2 |" in summary
     assert "| c | 4 | 0.0 | 100.0 (1 of 2 seeds) |" in summary  # the per-task table shows every finished job
+    # --methods: the summary of those methods alone (zero-shot has finished all 3 tasks)
+    assert main(["bbh", "--out", str(out), "--report-only", "--methods", "zero-shot"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "every method and seed finished: 3 (BBH has 27)" in summary and "**Partial run**" not in summary
+    assert f"| Zero-shot |  | {(10.0 + 30.0 + 0.0) / 3:.1f} | 3 |" in summary and "| avg |" not in summary
+    assert "Not in this summary (`--report-only --methods`): lorahub-default (5 rows)." in summary
+    assert main(["bbh", "--out", str(out), "--report-only", "--methods", "icl"]) == 2
+    assert "has no results of icl" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == text
     with pytest.raises(LorahubValueError, match="no config.json"):
         from lorahub.bench.runner import report_bbh
 

@@ -280,12 +280,17 @@ def plot_per_task(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict]) -> str:
-    """Write summary.md and per_task.png under ``out``; return the summary text."""
+def write_report(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], specs: dict[str, dict], *,
+                 left_out: dict[str, int] | None = None) -> str:
+    """Write summary.md and per_task.png under ``out``; return the summary text. ``left_out``: rows of
+    results.jsonl not in ``rows`` (method -> count), named in the summary."""
     if not rows:
         text = "no results yet\n"
     else:
         text = summary_markdown(rows, protocol, specs)
+        if left_out:
+            text += ("\nNot in this summary (`--report-only --methods`): "
+                     + ", ".join(f"{m} ({n} rows)" for m, n in sorted(left_out.items())) + ".\n")
         if not plot_per_task(rows, out / PLOT):
             text += "\n(per_task.png not written: matplotlib is missing; pip install 'lorahub[plots]')\n"
     atomic_write_text(out / SUMMARY, text)

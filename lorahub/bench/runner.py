@@ -339,18 +339,32 @@ def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[di
     return rows
 
 
-def report_bbh(out: str | os.PathLike, *, log: Callable[[str], None] = print) -> str:
+def report_bbh(out: str | os.PathLike, *, methods: list[str] | None = None, log: Callable[[str], None] = print) -> str:
     """Rewrite ``out``'s summary.md and per_task.png from its results so far, running nothing.
 
     Safe beside a run that is still writing to ``out`` (results.jsonl is only read), so a long run can be
-    looked at, or its partial results published, before it ends.
+    looked at, or its partial results published, before it ends. ``methods``: only these methods' rows (a
+    method run later, in another pass, would otherwise hold a partial table to the tasks it has finished);
+    the summary names the methods it leaves out.
     """
     out = Path(out)
     if not (out / CONFIG).is_file():
         raise LorahubValueError(f"{out} has no {CONFIG}: not a `lorahub bbh --out` folder, or no run has started there")
     saved = read_json(out / CONFIG, "bbh run config")
     rows = read_results(out / RESULTS, repair=False)
-    text = report.write_report(out, rows, saved["protocol"], saved.get("methods", {}))
+    specs = saved.get("methods", {})
+    left_out: dict[str, int] = {}
+    if methods is not None:
+        present = sorted({r["method"] for r in rows})
+        unknown = [m for m in methods if m not in present]
+        if unknown:
+            raise LorahubValueError(f"{out} has no results of {', '.join(unknown)}; it has {', '.join(present)}")
+        for r in rows:
+            if r["method"] not in methods:
+                left_out[r["method"]] = left_out.get(r["method"], 0) + 1
+        rows = [r for r in rows if r["method"] in methods]
+        specs = {m: s for m, s in specs.items() if m in methods}
+    text = report.write_report(out, rows, saved["protocol"], specs, left_out=left_out)
     log(text)
     return text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..bench.methods import METHODS
+from ..bench.methods import DEFAULT_METHODS, METHODS
 from ..bench.runner import BBHConfig
 from ..errors import LorahubValueError
 from .flags import add_command
@@ -18,14 +18,14 @@ class BBHCommandOptions:
     modules: list[str] | None = field(default=None, metadata={"help": "module folders instead of a hub"})
     report_only: bool = field(default=False, metadata={
         "help": "rewrite OUT/summary.md and OUT/per_task.png from the results so far and run nothing "
-                "(safe while a run is still writing to OUT)"})
+                "(safe while a run is still writing to OUT); with --methods, about those methods only"})
 
 
 def cmd_bbh(cfg: BBHConfig, opts: BBHCommandOptions, *, command: str) -> int:
     from ..bench.runner import report_bbh, run_bbh
 
-    if opts.report_only:
-        report_bbh(cfg.out)
+    if opts.report_only:  # --methods, where given, keeps the summary to those methods
+        report_bbh(cfg.out, methods=None if cfg.methods == DEFAULT_METHODS else cfg.methods)
         return 0
     if opts.modules and cfg.hub:
         raise LorahubValueError("give either --hub or --modules, not both")
