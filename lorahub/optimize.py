@@ -125,6 +125,11 @@ def resolve_probe_singles(probe_singles: bool | None, optimizer: str) -> bool:
     return optimizer != "ngopt" if probe_singles is None else bool(probe_singles)
 
 
+def told_value(objective: float) -> float:
+    """What the optimizer is told for ``objective``: a non-finite one becomes a large finite loss."""
+    return objective if math.isfinite(objective) else 1e30
+
+
 def point_key(values: np.ndarray) -> bytes:
     """A weighting's identity for the cache of scored points (exact float64 bytes: only a true repeat matches)."""
     return np.asarray(values, dtype=np.float64).tobytes()
@@ -314,7 +319,7 @@ def search(
                 best.weights, best.objective, best.loss = v.copy(), objective, float(loss)
             entry = {"evaluation": len(best.history) + 1, "loss": float(loss), "objective": objective, "best": best.objective}
             best.history.append({**entry, "probe": True} if probe else entry)
-            scored[point_key(v)] = objective if math.isfinite(objective) else 1e30
+            scored[point_key(v)] = told_value(objective)
             objectives.append(objective)
         return objectives
 
@@ -330,19 +335,20 @@ def search(
     best.optimizer = f"{optimizer}:{opt.optim.name if hasattr(opt, 'optim') else opt.name}"  # NGOpt delegates
     told = probe_values if probe_values is not None and best.start == "zero" else []
     for v, objective in zip(told, probe_objectives):
-        opt.tell(opt.parametrization.spawn_child(new_value=v), objective if math.isfinite(objective) else 1e30)
+        opt.tell(opt.parametrization.spawn_child(new_value=v), told_value(objective))
     done, repeats = num_probes, 0
     while done < budget and repeats <= budget:
         k = min(population, budget - done)
         cands = [opt.ask() for _ in range(k)]
-        fresh = [c for c in cands if point_key(c.value) not in scored]
-        for c in cands:  # a point scored before (Cobyla's first ask is its start, the best probe) costs nothing
-            if point_key(c.value) in scored:
-                opt.tell(c, scored[point_key(c.value)])
+        keys = [point_key(c.value) for c in cands]
+        fresh = [c for c, key in zip(cands, keys) if key not in scored]
+        for c, key in zip(cands, keys):  # a point scored before (Cobyla's first ask is its start, the best probe) costs nothing
+            if key in scored:
+                opt.tell(c, scored[key])
                 repeats += 1
         if fresh:
             for c, objective in zip(fresh, evaluate(np.stack([c.value for c in fresh]), False)):
-                opt.tell(c, objective if math.isfinite(objective) else 1e30)
+                opt.tell(c, told_value(objective))
             done += len(fresh)
             if on_step is not None:
                 on_step(done, best)

@@ -382,13 +382,22 @@ register(Method("majority", _majority, label="Majority answer of the 5 examples 
 register(Method("zero-shot", _zero_shot, label="Zero-shot"))
 register(Method("icl", _icl, label="In-context learning"))
 register(Method("best-single", _best_single, uses_hub=True, label="Best single module (few-shot loss)"))
+
+
+def register_lorahub(name: str, spec: dict[str, Any], label: str) -> Method:
+    """A static LoraHub composition (:func:`_lorahub`) with ``spec``: seeded, on the hub, its seed used only where
+    it draws at random (:func:`_lorahub_seed_used`)."""
+    return register(Method(name, _lorahub, seeded=True, uses_hub=True, spec=spec, label=label,
+                           seed_used=_lorahub_seed_used))
+
+
 # the paper's settings, fixed on purpose: its draw order and its objective (loss / number of examples + l1), tested
 # against sail-sg/lorahub's algorithm.py (tests/test_reference.py)
-register(Method("lorahub-reference", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
-                spec={"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
-                      "probe_singles": False, "start": "zero", "select": "random", "candidate_order": "sample",
-                      "loss_scale": "per-example"},
-                label="LoraHub-reference (ngopt, as published)"))
+register_lorahub("lorahub-reference",
+                 {"num_candidates": 20, "budget": 40, "optimizer": "ngopt", "population": None, "l1": 0.05,
+                  "probe_singles": False, "start": "zero", "select": "random", "candidate_order": "sample",
+                  "loss_scale": "per-example"},
+                 "LoraHub-reference (ngopt, as published)")
 # lorahub-default: lorahub's defaults, every setting named, so a change of default changes the spec and refuses to mix
 # with the results made before (runner.check_config)
 LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget": SearchConfig.budget,
@@ -396,18 +405,16 @@ LORAHUB_DEFAULT_SPEC = {"num_candidates": SearchConfig.num_candidates, "budget":
                         "probe_singles": True, "probes_in_budget": True, "start": SearchConfig.start,
                         "step": SearchConfig.step, "select": SearchConfig.select,
                         "candidate_order": SearchConfig.candidate_order, "loss_scale": SearchConfig.loss_scale}
-register(Method("lorahub-default", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec=dict(LORAHUB_DEFAULT_SPEC),
-                label="lorahub-default (auto selection, Cobyla from the best single module)"))
-register(Method("lorahub-retrieve", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
-                label="lorahub-retrieve (nearest modules by task embedding, Cobyla)"))
-register(Method("lorahub-probe", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used, spec={**LORAHUB_DEFAULT_SPEC, "select": "probe"},
-                label="lorahub-probe (lowest single-module loss, Cobyla)"))
-register(Method("lorahub-retrieve-probe", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
-                spec={**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
-                label="lorahub-retrieve-probe (lowest loss of the 2k nearest, Cobyla)"))
-register(Method("lorahub-reference-retrieve", _lorahub, seeded=True, uses_hub=True, seed_used=_lorahub_seed_used,
-                spec={**METHODS["lorahub-reference"].spec, "select": "retrieve"},
-                label="LoraHub-reference over retrieved candidates (selection apart from search)"))
+register_lorahub("lorahub-default", dict(LORAHUB_DEFAULT_SPEC),
+                 "lorahub-default (auto selection, Cobyla from the best single module)")
+register_lorahub("lorahub-retrieve", {**LORAHUB_DEFAULT_SPEC, "select": "retrieve"},
+                 "lorahub-retrieve (nearest modules by task embedding, Cobyla)")
+register_lorahub("lorahub-probe", {**LORAHUB_DEFAULT_SPEC, "select": "probe"},
+                 "lorahub-probe (lowest single-module loss, Cobyla)")
+register_lorahub("lorahub-retrieve-probe", {**LORAHUB_DEFAULT_SPEC, "select": "retrieve+probe"},
+                 "lorahub-retrieve-probe (lowest loss of the 2k nearest, Cobyla)")
+register_lorahub("lorahub-reference-retrieve", {**METHODS["lorahub-reference"].spec, "select": "retrieve"},
+                 "LoraHub-reference over retrieved candidates (selection apart from search)")
 register(Method("lorahub-routed", _lorahub_routed, seeded=True, uses_hub=True,
                 spec={"num_candidates": 20, "top_k": 2, "steps": 40, "lr": 2e-3, "router_aux_loss_coef": 0.01},
                 label="lorahub-routed (learnt top-2 routers)"))

@@ -44,6 +44,12 @@ def _label(method: str) -> str:
     return m.label if m and m.label else method
 
 
+def rows_that_ran(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose job ran: a row copied to another seed (``same_as_seed``) cost nothing, so it is left out of
+    the seconds and speeds."""
+    return [r for r in rows if r.get("same_as_seed") is None]
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per table row: method, kind (""/avg/best), em, tasks, seeds, tokens, seconds, speeds."""
     by_method: dict[str, list[dict]] = defaultdict(list)
@@ -56,7 +62,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rs:
             per_task[r["task"]].append(r["em"])
         seeds = sorted({r["seed"] for r in rs}, key=lambda s: (s is None, s))
-        ran = [r for r in rs if r.get("same_as_seed") is None]  # a copy for another seed cost nothing
+        ran = rows_that_ran(rs)
         n_test, eval_s = sum(r["n_test"] for r in ran), sum(r["eval_seconds"] for r in ran)
         evals, compose_s = sum(r["evals"] for r in ran), sum(r["compose_seconds"] for r in ran)
         common = {
@@ -206,7 +212,7 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
             ["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"],
         ),
     ]
-    ran = [r for r in rows if r.get("same_as_seed") is None]
+    ran = rows_that_ran(rows)
     compose_h = sum(r["compose_seconds"] for r in ran) / 3600
     eval_h = sum(r["eval_seconds"] for r in ran) / 3600
     machines = sorted({r.get("machine") or "not recorded" for r in ran})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -302,14 +303,16 @@ def run_locked(cfg: BBHConfig, out: Path, log: Callable[[str], None]) -> list[di
         specs = {name: {**m.spec, "seeded": m.seeded} for name, m in p.methods.items()}
         all_specs = check_config(out, p.protocol, specs)
         fingerprint = _hash(p.protocol)
-        done = {job_key(r) for r in read_results(out / RESULTS)}
+        existing = read_results(out / RESULTS)
+        done = {job_key(r) for r in existing}
         if cfg.reuse_from:
             reused = reusable_rows(Path(cfg.reuse_from), p.protocol, specs, done, set(p.jobs))
             for row in reused:
                 append_result(out / RESULTS, row)
+            existing += reused
             done |= {job_key(r) for r in reused}
             log(f"bbh: {len(reused)} rows reused from {cfg.reuse_from} (methods that do not use the hub, same protocol)")
-        done |= {job_key(r) for r in copy_seed_rows(out / RESULTS, read_results(out / RESULTS), p, done)}
+        done |= {job_key(r) for r in copy_seed_rows(out / RESULTS, existing, p, done)}
         todo = [j for j in p.jobs if j not in done]
         if p.copied:
             log(f"bbh: {', '.join(p.copied)}: the seed changes nothing here (deterministic selection and search), so "
@@ -353,15 +356,13 @@ def report_bbh(out: str | os.PathLike, *, methods: list[str] | None = None, log:
     saved = read_json(out / CONFIG, "bbh run config")
     rows = read_results(out / RESULTS, repair=False)
     specs = saved.get("methods", {})
-    left_out: dict[str, int] = {}
+    left_out: Counter[str] = Counter()
     if methods is not None:
         present = sorted({r["method"] for r in rows})
         unknown = [m for m in methods if m not in present]
         if unknown:
             raise LorahubValueError(f"{out} has no results of {', '.join(unknown)}; it has {', '.join(present)}")
-        for r in rows:
-            if r["method"] not in methods:
-                left_out[r["method"]] = left_out.get(r["method"], 0) + 1
+        left_out = Counter(r["method"] for r in rows if r["method"] not in methods)
         rows = [r for r in rows if r["method"] in methods]
         specs = {m: s for m, s in specs.items() if m in methods}
     text = report.write_report(out, rows, saved["protocol"], specs, left_out=left_out)
