@@ -158,7 +158,7 @@ def select_retrieve(store: ModuleStore, k: int, seed: int, task: SelectionTask) 
 
 def select_format_retrieve(store: ModuleStore, k: int, seed: int, task: SelectionTask) -> Selection:
     """``retrieve`` among the modules trained in the examples' answer format first (the manifest's ``format``:
-    ``letters`` when every few-shot answer is an option letter, :func:`lorahub.bigbench.answer_format`), then the
+    ``letters`` when most few-shot answers are option letters, :func:`lorahub.bigbench.answer_format`), then the
     others, each group by similarity. Why: a module that never produced the answer's format cannot be weighted
     into producing it, and the sentence embedding of the inputs barely sees the format."""
     from .bigbench import answer_format

@@ -120,7 +120,10 @@ def test_format_retrieve_puts_the_answer_format_first(embedded_hub):
     from lorahub.bigbench import answer_format
 
     assert answer_format(["(A)", " (C) ", "(K)"]) == "letters"
-    assert answer_format(["(A)", "yes"]) == answer_format(["A"]) == answer_format([]) == "native"
+    assert answer_format(["(A)", "yes"]) == answer_format(["A"]) == answer_format([]) == "native"  # half: native
+    # one written-out target among letters (BBH movie_recommendation's few-shot draw) leaves the format letters
+    assert answer_format(["Monsters, Inc", "(D)", "(C)", "(B)", "(D)"]) == "letters"
+    assert answer_format(["(A)", "yes", "no"]) == "native"
     embedded_hub.specs["colors"].extra["format"] = "letters"  # as a TASK--letters module's manifest entry says
     lettered = [{"input": i, "output": o} for i, o in [("What is 2 plus 2?\nOptions:\n(A) 4\n(B) 5", "(A)"),
                                                       ("What is 5 times 3?\nOptions:\n(A) 8\n(B) 15", "(B)")]]
