@@ -10,6 +10,7 @@ at a time. The optimizer that actually ran is recorded (``SearchResult.optimizer
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,6 +23,10 @@ from .errors import LorahubValueError
 
 ScoreFn = Callable[[np.ndarray], Sequence[float]]  # (P, N) weightings -> P losses
 
+
+# nevergrad's Cobyla hands scipy a final trust radius of 0, which scipy replaces by 1e-6 with this warning, once per
+# search: noise in every compose and BBH log, about a setting we do not choose (the 40-evaluation budget ends first).
+warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND", category=UserWarning)
 
 DEFAULT_STEP = 0.15  # CMA-ES's first step, in weight units (benchmarks/search_tuning.py)
 
