@@ -152,7 +152,8 @@ def paired_lines(rows: list[dict[str, Any]], a: str = "lorahub-default", b: str 
 
 def split_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The table's avg figures on the tuning tasks (:data:`TUNING_TASKS`, where defaults were chosen) and on the
-    others (confirmation), apart; nothing unless the run has tasks of both."""
+    others (confirmation), apart; nothing unless the run has tasks of both. Pass the table's rows: in a partial
+    run, only the tasks every method finished, so that the columns compare on the same tasks."""
     tasks = {r["task"] for r in rows}
     tuning, confirm = tasks & set(TUNING_TASKS), tasks - set(TUNING_TASKS)
     if not tuning or not confirm:
@@ -179,7 +180,8 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
     started = sorted({r["task"] for r in rows})
     complete = complete_tasks(rows)
     partial = bool(complete) and len(complete) < len(started)
-    table = aggregate([r for r in rows if r["task"] in complete] if partial else rows)
+    compared = [r for r in rows if r["task"] in complete] if partial else rows  # the tasks every row is averaged on
+    table = aggregate(compared)
     hubs = {s["hub"]["name"]: s["hub"]["modules"] for s in specs.values() if "hub" in s}
     limit = protocol.get("limit")
     lines = [
@@ -222,7 +224,7 @@ def summary_markdown(rows: list[dict[str, Any]], protocol: dict[str, Any], specs
               + "; ".join(machines) + "."]
     lines += search_comparison(rows)
     lines += paired_lines(rows)
-    lines += split_lines(rows)
+    lines += split_lines(compared)
     shown = lambda spec: {k: v for k, v in spec.items() if k not in ("hub", "seeded")}  # noqa: E731
     settings = [f"- `{m}`: " + ", ".join(f"{k}={v}" for k, v in shown(s).items()) for m, s in specs.items() if shown(s)]
     if settings:
