@@ -149,9 +149,9 @@ def main() -> None:
             if not k:
                 return floor()
             ids = big.input_ids[:P, :k]
-            cache = body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            cache = body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
             cache.batch_repeat_interleave(Q)
-            body(input_ids=big.input_ids[:, k:], attention_mask=big.attention_mask, past_key_values=cache,
+            body(input_ids=big.input_ids[:, k:], attention_mask=big.attention_mask, cache=cache,
                  use_cache=True)
 
     needed()

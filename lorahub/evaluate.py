@@ -152,7 +152,7 @@ class PopulationEvaluator:
                 if prefix is not None:  # candidate p's prefix cache for its rows p·|g| ... p·|g| + |g|-1
                     cache = copy.deepcopy(prefix)
                     cache.batch_repeat_interleave(len(group))
-                token_loss, rows = token_losses(self.model, group.repeat(P), self.seq2seq, past_key_values=cache)
+                token_loss, rows = token_losses(self.model, group.repeat(P), self.seq2seq, cache=cache)
                 cand = rows // len(group)
                 total.index_add_(0, cand, token_loss.to(self.loss_dtype))
                 count.index_add_(0, cand, torch.ones_like(token_loss, dtype=self.loss_dtype))
@@ -163,7 +163,7 @@ class PopulationEvaluator:
     def _prefix_cache(self, P: int) -> Any:
         """Key/value cache of the shared prefix under each of the P composed candidates (row p: candidate p)."""
         ids = self.prefix_ids.expand(P, -1)
-        return self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        return self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
 
 
 def prompt_prefix_length(batch: Batch, min_length: int) -> int:
@@ -204,11 +204,11 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 def token_losses(
-    model: Any, batch: Batch, seq2seq: bool, *, past_key_values: Any = None
+    model: Any, batch: Batch, seq2seq: bool, *, cache: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token of ``batch`` under ``model`` and the row it belongs to.
 
-    ``past_key_values`` (causal LMs): the cache of a prefix, unpadded, that every row of ``batch`` continues.
+    ``cache`` (causal LMs): the key/value cache of a prefix, unpadded, that every row of ``batch`` continues.
     """
     if seq2seq:
         dec_in = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
@@ -220,10 +220,10 @@ def token_losses(
         rows = sel.nonzero()[:, 0]
         return F.cross_entropy(at_least_float32(logits[sel]), batch.labels[sel], reduction="none"), rows
     mask, cache_kw = batch.attention_mask, {}
-    if past_key_values is not None:  # the prefix's positions are attended to as well
-        k = past_key_values.get_seq_length()
+    if cache is not None:  # the prefix's positions are attended to as well
+        k = cache.get_seq_length()
         mask = torch.cat([torch.ones((len(batch), k), dtype=mask.dtype, device=mask.device), mask], dim=1)
-        cache_kw = dict(past_key_values=past_key_values, use_cache=True)
+        cache_kw = dict(cache=cache, use_cache=True)
     hidden = model.base_model(
         input_ids=batch.input_ids, attention_mask=mask, **(cache_kw or dict(use_cache=False))
     ).last_hidden_state  # (B, T, H)

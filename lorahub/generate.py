@@ -70,7 +70,7 @@ def generate(
     prefix_cache = None
     if n_shared:
         prefix = torch.tensor([token_rows[0][:n_shared]], dtype=torch.long, device=device)
-        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+        prefix_cache = model(input_ids=prefix, use_cache=True).cache
     out: list[str] = [""] * len(prompts_all)
     with progress_bar(-(-len(order) // batch_size), "generate", progress, unit="batch") as bar:
         for start in range(0, len(order), batch_size):
@@ -91,7 +91,7 @@ def generate(
                     mask = torch.cat([torch.ones((len(idx), n_shared), dtype=mask.dtype, device=device), mask], dim=1)
                     cache = copy.deepcopy(prefix_cache)
                     cache.batch_repeat_interleave(len(idx))
-                    kwargs["past_key_values"] = cache
+                    kwargs["cache"] = cache
                 # each row stops at its first newline (transformers' StopStringCriteria); the answer is cut there
                 kwargs.update(stop_strings=["\n"], tokenizer=tokenizer)
             gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs, num_beams=1, temperature=None,
