@@ -377,6 +377,35 @@ def test_tuning_tasks_are_every_third_task():
     assert list(bbh.TUNING_TASKS) == names[0::3] and len(names) == 27
 
 
+def test_search_lines_split_exact_match_by_loss_and_choose_seeds_by_objective():
+    from lorahub.bench.report import search_comparison, seed_choice, summary_markdown
+
+    def row(task, method, seed, em, loss, objective=None):
+        return {"task": task, "method": method, "seed": seed, "em": em, "loss": loss, "n_test": 10, "n_learn": 5,
+                "objective": loss / 5 if objective is None else objective,
+                "tokens_per_example": 10.0, "compose_seconds": 1.0, "eval_seconds": 1.0, "evals": 40}
+    # (task, seed): default's (em, loss), reference's (em, loss)
+    cases = {("navigate", 1): ((60.0, 0.5), (50.0, 0.9)), ("navigate", 2): ((40.0, 0.5), (55.0, 0.4)),
+             ("snarks", 1): ((30.0, 0.2), (20.0, 0.3)), ("snarks", 2): ((30.0, 0.2), (10.0, 0.2))}
+    rows = [r for (t, s), (d, ref) in cases.items()
+            for r in (row(t, "lorahub-default", s, *d), row(t, "lorahub-reference", s, *ref))]
+    line = search_comparison(rows)[1]
+    # default's loss lower on (navigate, 1) and (snarks, 1): +10 and +10; not lower (a tie counts here): -15, +20
+    assert "on 2 of 4 (task, seed) pairs" in line and "mean best loss 0.350 vs 0.450" in line
+    assert "where its loss was lower +10.00 (2 pairs); elsewhere +2.50 (2 pairs)" in line
+    # the reference's seed of lowest objective (loss / 5): navigate seed 2 (55), snarks seed 2 (10)
+    c = seed_choice(rows, "lorahub-reference")
+    assert c == {"method": "lorahub-reference", "tasks": 2, "chosen": 32.5, "mean": 33.75, "best": 37.5}
+    # the objective decides, not the loss: make navigate seed 1 the lowest objective though its loss is higher
+    rows[1] = row("navigate", "lorahub-reference", 1, 50.0, 0.9, objective=0.01)
+    assert seed_choice(rows, "lorahub-reference")["chosen"] == 30.0
+    # a copied seed (same_as_seed) is not a choice: one seed left per task means nothing to choose from
+    copies = [{**r, "same_as_seed": 1} if r["seed"] == 2 else r for r in rows]
+    assert seed_choice(copies, "lorahub-reference") is None
+    text = summary_markdown(rows, {"base_model": "m", "dtype": "float32", "shots": 5, "split_seed": 42}, {})
+    assert "Seeds of `lorahub-reference` chosen by the few-shot objective (the lowest per task, 2 tasks): 30.0" in text
+
+
 def test_paired_difference_counts_and_intervals():
     from lorahub.bench.report import paired_difference, summary_markdown
 
